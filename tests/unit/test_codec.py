@@ -1,0 +1,101 @@
+"""Hostile bytes never crash, hang or allocate without bound (invariant 8, codec level)."""
+
+from __future__ import annotations
+
+import struct
+
+import msgpack
+import pytest
+import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from syncengine.codec import Limits, canonical_packb, compress, decode, decompress, encode
+from syncengine.errors import DecodeError, LimitExceededError, SyncError
+
+SMALL = Limits(max_body_bytes=1 << 20, max_decoded_bytes=1 << 20, max_items=1000,
+               max_str_bytes=1 << 16, max_bin_bytes=1 << 16, max_depth=8)
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (b"", DecodeError),
+        (b"\x92\x01", DecodeError),  # truncated array
+        (b"\xc1", DecodeError),  # reserved byte
+        (b"\x01\x02", DecodeError),  # trailing garbage
+        (b"\xa2\xff\xfe", DecodeError),  # invalid UTF-8
+        (b"\x81\x01\x02", DecodeError),  # non-string map key
+        (b"\xd4\x01\x00", DecodeError),  # ext type
+        (b"\xdd" + struct.pack(">I", 2**32 - 1), LimitExceededError),  # array32 of 4G items
+        (b"\xdf" + struct.pack(">I", 2**32 - 1), LimitExceededError),  # map32 of 4G items
+        (b"\xdb" + struct.pack(">I", 2**32 - 1), DecodeError),  # str32 of 4 GiB, no bytes
+        (b"\xdb" + struct.pack(">I", 2**17) + b"x" * 2**17, LimitExceededError),  # str over cap
+        (b"\x91" * 10_000 + b"\x00", LimitExceededError),  # 10,000-deep nesting
+        (b"\x91" * 9 + b"\x00", LimitExceededError),  # deeper than max_depth=8
+    ],
+)
+def test_hostile_msgpack_raises_typed_errors(data: bytes, error: type[SyncError]) -> None:
+    with pytest.raises(error):
+        decode(data, SMALL)
+
+
+def test_zstd_bomb_is_cut_at_the_cap() -> None:
+    bomb = zstandard.ZstdCompressor(level=19).compress(b"\x00" * (64 << 20))
+    assert len(bomb) < 64 << 10
+    with pytest.raises(LimitExceededError) as info:
+        decompress(bomb, "zstd", SMALL)
+    assert info.value.code == "decompressed_too_large"
+
+
+def test_body_over_the_limit_is_refused_before_decompression() -> None:
+    with pytest.raises(LimitExceededError):
+        decompress(b"x" * ((1 << 20) + 1), None, SMALL)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br"])
+def test_unknown_encoding_is_refused(encoding: str) -> None:
+    with pytest.raises(DecodeError):
+        decompress(b"abc", encoding, SMALL)
+
+
+def test_corrupt_and_concatenated_zstd_frames_are_refused() -> None:
+    frame = zstandard.ZstdCompressor().compress(b"hello" * 100)
+    with pytest.raises(DecodeError):
+        decompress(frame[:-5] + b"\x00\x00\x00\x00\x00", "zstd", SMALL)
+    with pytest.raises(DecodeError):
+        decompress(frame + frame, "zstd", SMALL)
+
+
+def test_compress_only_when_it_pays() -> None:
+    small, enc = compress(b"abc")
+    assert enc is None and small == b"abc"
+    body, enc = compress(encode([{"cell": "west/ng/lagos/clinic-12", "n": i} for i in range(500)]))
+    assert enc == "zstd"
+    assert decode(decompress(body, enc)) == [{"cell": "west/ng/lagos/clinic-12", "n": i} for i in range(500)]
+
+
+def test_canonical_bytes_ignore_key_order() -> None:
+    assert canonical_packb({"b": 1, "a": {"y": 2, "x": 3}}) == canonical_packb({"a": {"x": 3, "y": 2}, "b": 1})
+
+
+def test_unencodable_value_is_a_decode_error() -> None:
+    with pytest.raises(DecodeError):
+        encode({"x": object()})
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.binary(max_size=200))
+def test_random_bytes_never_escape_the_error_tree(data: bytes) -> None:
+    try:
+        decode(data, SMALL)
+    except SyncError:
+        pass
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.recursive(st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=5),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4),
+                    max_leaves=20))
+def test_round_trip(value: object) -> None:
+    assert decode(msgpack.packb(value, use_bin_type=True), SMALL) == value
