@@ -85,7 +85,19 @@ def parse_cell(value: object) -> str:
 
     A cell has at least two segments: the home region and one below it.
     """
-    return _check(value, what="cell id", min_depth=2)
+    if isinstance(value, str) and value in _VALID_CELLS:
+        return value
+    _check(value, what="cell id", min_depth=2)
+    assert isinstance(value, str)
+    if len(_VALID_CELLS) >= _VALID_CELLS_MAX:
+        _VALID_CELLS.clear()  # bounded; cells repeat, so it refills with the hot ones
+    _VALID_CELLS.add(value)
+    return value
+
+
+# Every write validates its cell; a process sees few distinct cells, so remember valid ones.
+_VALID_CELLS: set[str] = set()
+_VALID_CELLS_MAX = 65_536
 
 
 def parse_prefix(value: object) -> str:

@@ -215,13 +215,26 @@ def decompress(body: bytes, encoding: str | None, limits: Limits = DEFAULT_LIMIT
     return out
 
 
+_CONTAINERS: Final = (dict, list, tuple)
+
+
 def canonical(obj: Any) -> Any:
-    """A copy of ``obj`` whose maps are ordered by key, recursively."""
+    """A copy of ``obj`` whose maps are ordered by key, recursively (tuples become lists).
+
+    Scalars are returned as they are without a call per value: this runs on every write.
+    """
     if isinstance(obj, dict):
-        return {k: canonical(obj[k]) for k in sorted(obj)}
+        return {
+            k: canonical(v) if isinstance(v, _CONTAINERS) else v
+            for k, v in sorted(obj.items(), key=_first)
+        }
     if isinstance(obj, list | tuple):
-        return [canonical(v) for v in obj]
+        return [canonical(v) if isinstance(v, _CONTAINERS) else v for v in obj]
     return obj
+
+
+def _first(item: tuple[Any, Any]) -> Any:
+    return item[0]
 
 
 def canonical_packb(obj: Any) -> bytes:

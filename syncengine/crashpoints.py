@@ -55,7 +55,7 @@ def reload(spec: str | None = None, log_path: str | None = None) -> None:
 def crashpoint(name: str) -> None:
     """Kill this process here when the named point is armed and its dice say so."""
     prob = _active.get(name)
-    if prob is None or random.random() >= prob:  # noqa: S311 - fault injection, not crypto
+    if prob is None or random.random() >= prob:
         return
     if _log_path:
         fd = os.open(_log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

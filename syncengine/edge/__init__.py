@@ -1,0 +1,1 @@
+"""The edge: the local SQLite store, its outbox, and (later) the sync link and daemon."""

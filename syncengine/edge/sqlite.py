@@ -1,0 +1,220 @@
+"""Opening the edge's SQLite file safely, and translating sqlite3 errors once.
+
+Order matters when opening: ``busy_timeout`` first (``journal_mode=WAL`` itself can return
+SQLITE_BUSY while another process holds the file), then WAL, then ``synchronous=FULL`` so the
+commit that acknowledges a write is on disk (NORMAL loses acknowledged writes on power loss).
+The file is only ever touched through SQLite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from syncengine.errors import CorruptStoreError, StorageError, SyncError
+
+__all__ = ["connect", "is_busy", "run_transaction", "transaction", "translate"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: How long a write keeps retrying SQLITE_BUSY beyond SQLite's own busy timeout.
+BUSY_RETRY_S = 60.0
+
+_NETWORK_FS = {"nfs", "nfs4", "cifs", "smbfs", "smb3", "sshfs", "fuse.sshfs", "9p"}
+
+
+def is_busy(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and (
+        "locked" in str(exc) or "busy" in str(exc)
+    )
+
+
+def translate(exc: sqlite3.Error, path: Path) -> SyncError:
+    """Map a sqlite3 error to the syncengine tree, naming the file."""
+    text = str(exc)
+    detail = {"path": str(path), "sqlite": text}
+    if "not a database" in text or "malformed" in text or "corrupt" in text:
+        return CorruptStoreError(f"{path} is damaged: {text}", detail=detail)
+    if "disk is full" in text or "SQLITE_FULL" in text:
+        return StorageError(
+            f"no space left for {path}: {text}",
+            hint="Free disk space; nothing was acknowledged, writes can be retried.",
+            code="disk_full",
+            detail=detail,
+        )
+    if "disk I/O error" in text:
+        return StorageError(
+            f"I/O error on {path}: {text}",
+            hint="Check the disk's health (dmesg); the write was not acknowledged.",
+            code="io_error",
+            detail=detail,
+        )
+    if "readonly" in text or "read-only" in text:
+        return StorageError(
+            f"{path} is read-only: {text}",
+            hint="Give the daemon's user write access to the file and its folder.",
+            code="read_only",
+            detail=detail,
+        )
+    if is_busy(exc):
+        return StorageError(
+            f"{path} stayed locked by another process for over {BUSY_RETRY_S:.0f} s",
+            hint="Find the process holding a long write transaction on the file.",
+            code="busy",
+            detail=detail,
+        )
+    return StorageError(f"SQLite error on {path}: {text}", detail=detail)
+
+
+def _filesystem_type(path: Path) -> str | None:
+    """The mount type holding ``path`` (Linux only; None when unknown)."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    best, fstype = "", None
+    target = str(path.resolve())
+    for line in mounts:
+        parts = line.split()
+        if len(parts) >= 3 and target.startswith(parts[1]) and len(parts[1]) > len(best):
+            best, fstype = parts[1], parts[2]
+    return fstype
+
+
+async def connect(
+    path: Path, *, busy_timeout_ms: int, readonly: bool = False
+) -> aiosqlite.Connection:
+    """Open ``path`` with the pragmas the store relies on.
+
+    Raises :class:`StorageError` when the folder is missing or on a network filesystem (WAL
+    needs shared memory that network filesystems do not provide), and
+    :class:`CorruptStoreError` when the file is not a SQLite database.
+    """
+    folder = path.parent
+    if not folder.is_dir():
+        raise StorageError(
+            f"folder {folder} for the edge database does not exist",
+            hint="Create it (and give the daemon's user write access), or set `db` in edge.toml.",
+            code="no_such_folder",
+        )
+    fstype = _filesystem_type(folder)
+    if fstype in _NETWORK_FS:
+        raise StorageError(
+            f"{path} is on a network filesystem ({fstype}); SQLite WAL is unsafe there",
+            hint="Put the edge database on a local disk.",
+            code="network_filesystem",
+        )
+    # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
+    conn = await aiosqlite.connect(path, isolation_level=None)
+    try:
+        await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        if readonly:
+            await conn.execute("PRAGMA query_only = ON")
+        else:
+            await conn.execute("PRAGMA journal_mode = WAL")
+            await conn.execute("PRAGMA synchronous = FULL")
+            # Bounded WAL: checkpoint every ~4 MB of pages, truncate the file back to 64 MB.
+            await conn.execute("PRAGMA wal_autocheckpoint = 1000")
+            await conn.execute("PRAGMA journal_size_limit = 67108864")
+    except sqlite3.Error as exc:
+        await conn.close()
+        raise translate(exc, path) from None
+    return conn
+
+
+async def transaction(
+    conn: aiosqlite.Connection, path: Path, body: Callable[[], Awaitable[T]]
+) -> T:
+    """Run ``body`` inside ``BEGIN IMMEDIATE … COMMIT`` on ``conn``.
+
+    SQLITE_BUSY from another process is retried with jittered backoff for up to
+    ``BUSY_RETRY_S`` on top of SQLite's busy timeout, so a caller never sees
+    "database is locked" while the lock is merely contended. Any failure rolls back (shielded
+    from cancellation) and surfaces as a :class:`SyncError`.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + BUSY_RETRY_S
+    delay = 0.005
+    while True:
+        try:
+            await conn.execute("BEGIN IMMEDIATE")
+            break
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc) or loop.time() > deadline:
+                raise translate(exc, path) from None
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.25)
+    try:
+        result = await body()
+        await conn.execute("COMMIT")
+    except BaseException as exc:
+        await asyncio.shield(_rollback(conn, path))
+        if isinstance(exc, sqlite3.Error):
+            raise translate(exc, path) from None
+        raise
+    return result
+
+
+async def _rollback(conn: aiosqlite.Connection, path: Path) -> None:
+    try:
+        if conn.in_transaction:
+            await conn.execute("ROLLBACK")
+    except (sqlite3.Error, ValueError) as exc:  # ValueError: connection already closed
+        log.warning("rollback on %s failed: %s", path, exc)
+
+
+async def run_transaction(
+    conn: aiosqlite.Connection,
+    path: Path,
+    body: Callable[..., T],
+    *args: Any,
+) -> T:
+    """Run ``body(raw_sqlite3_connection, *args)`` inside ``BEGIN IMMEDIATE … COMMIT``,
+    entirely on ``conn``'s worker thread.
+
+    One thread hop for the whole transaction. Each hop waits for the GIL, which the busy event
+    loop holds for up to the switch interval (5 ms): a group commit done as eight awaited
+    statements spent most of its time waiting for hops, not in SQLite. The hot write paths
+    (group commits, pulled pages) therefore run here; ``body`` must not touch the event loop.
+    aiosqlite's own statement methods are built on the same ``_execute`` call.
+    """
+    try:
+        result: T = await conn._execute(_transaction_on_thread, conn, body, *args)  # type: ignore[no-untyped-call]
+        return result
+    except sqlite3.Error as exc:
+        raise translate(exc, path) from None
+
+
+def _transaction_on_thread(conn: aiosqlite.Connection, body: Callable[..., T], *args: Any) -> T:
+    raw = conn._conn  # on the connection's own thread
+    deadline = time.monotonic() + BUSY_RETRY_S
+    delay = 0.005
+    while True:
+        try:
+            raw.execute("BEGIN IMMEDIATE")
+            break
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay * (0.5 + random.random()))  # the worker thread, not the loop
+            delay = min(delay * 2, 0.25)
+    try:
+        result = body(raw, *args)
+        raw.execute("COMMIT")
+    except BaseException:
+        if raw.in_transaction:
+            try:
+                raw.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                log.warning("rollback failed: %s", exc)
+        raise
+    return result

@@ -1,0 +1,769 @@
+"""The edge store: local records in SQLite, written durably first, queued for the hub.
+
+Every ``put``/``delete`` merges into ``records`` and appends to ``outbox`` in one SQLite
+transaction and returns only after that transaction is committed with ``synchronous=FULL``:
+an acknowledged write survives ``kill -9`` and power loss. Concurrent writers share
+transactions (group commit): one task owns the write connection, takes every write queued
+while the previous commit was on disk, and commits them together, so throughput is bounded by
+the disk and not by one fsync per write.
+
+Reads go through a second, read-only connection and never wait for a commit. Other processes
+(the daemon, a CLI) may write the same file at once: every write is ``BEGIN IMMEDIATE`` under
+a busy timeout, retried while the lock is merely contended, and stamps and sequence numbers
+are allocated inside the write lock so two processes never hand out the same one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Mapping,
+    Sequence,
+)
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, TypeVar
+
+import aiosqlite
+
+from syncengine import crashpoints
+from syncengine.cells import home_region, parse_cell
+from syncengine.clock import DEFAULT_MAX_DRIFT_MS, HybridClock
+from syncengine.edge import sqlite as db
+from syncengine.edge.outbox import Outbox, encode_payload
+from syncengine.errors import (
+    ClockDriftError,
+    ConfigError,
+    CorruptStoreError,
+    ForbiddenError,
+    StorageError,
+    SyncError,
+)
+from syncengine.merge import (
+    DEFAULT_RESOLVER,
+    RESOLVERS,
+    Change,
+    RecordState,
+    apply_change,
+    document_json,
+    validate_collection,
+    validate_fields,
+    validate_key,
+)
+from syncengine.migrations import migrate_sqlite
+from syncengine.resources import data_dir
+from syncengine.tiers import TierRules
+
+__all__ = ["DEFAULT_MAX_RECORD_BYTES", "EdgeStore"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_MAX_RECORD_BYTES: Final = 1024 * 1024
+DEFAULT_BUSY_TIMEOUT_MS: Final = 10_000
+#: Most writes one group commit takes. Bounds the transaction's size and the wait of the
+#: last writer in it; large enough that 256 concurrent writers share one commit.
+MAX_GROUP: Final = 1024
+#: SQLite's parameter limit is 32,766; three per key in a row-value IN list.
+_KEYS_PER_QUERY: Final = 500
+
+RecordKey = tuple[str, str, str]
+
+
+@dataclass(slots=True)
+class _Write:
+    cell: str
+    collection: str
+    key: str
+    fields: dict[str, Any] | None  # None: delete
+    future: asyncio.Future[int]
+
+
+@dataclass(slots=True)
+class _Job:
+    """A transaction body that must run alone on the write connection (pulls, acks …)."""
+
+    body: Callable[[], Awaitable[Any]]
+    future: asyncio.Future[Any]
+    #: False when ``body`` opens its own transaction (run_transaction on the thread).
+    in_transaction: bool = True
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class EdgeStore:
+    """One edge node's local SQLite store. Open it with :meth:`open`.
+
+    All methods are coroutines safe to call from many tasks of one event loop at once.
+    """
+
+    def __init__(
+        self,
+        *,
+        path: Path,
+        node_id: str,
+        region: str,
+        writer: aiosqlite.Connection,
+        reader: aiosqlite.Connection,
+        clock: HybridClock,
+        tier_rules: TierRules,
+        resolvers: Mapping[str, str],
+        max_record_bytes: int,
+        busy_timeout_ms: int,
+    ) -> None:
+        self.path = path
+        self.node_id = node_id
+        self.region = region
+        self.clock = clock
+        self.tier_rules = tier_rules
+        self.resolvers = dict(resolvers)
+        self.max_record_bytes = max_record_bytes
+        self._writer = writer
+        self._reader = reader
+        self._busy_timeout_ms = busy_timeout_ms
+        self._queue: asyncio.Queue[_Write | _Job] = asyncio.Queue()
+        self._closed = False
+        self._drift_warned = False
+        #: Group commits and the writes they carried since open (writes/commits = batching).
+        self.commits = 0
+        self.writes_committed = 0
+        self.outbox = Outbox(self)
+        self._lanes: dict[str, int] = {}  # cell -> lane, for the current tier rules
+        self._task = asyncio.get_running_loop().create_task(
+            self._write_loop(), name=f"syncengine-edge-writer:{path.name}"
+        )
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        node_id: str,
+        region: str,
+        tier_rules: TierRules | None = None,
+        resolvers: Mapping[str, str] | None = None,
+        max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+        busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+        max_drift_ms: int = DEFAULT_MAX_DRIFT_MS,
+        wall: Callable[[], int] | None = None,
+    ) -> _Opening:
+        """Open (creating and migrating if needed) the store at ``path``.
+
+        Use as ``async with EdgeStore.open(...) as store`` or ``store = await EdgeStore.open(...)``
+        (then ``await store.close()``). ``tier_rules`` are the offline rules from the node's
+        config; rules learnt from the hub and saved in the store take precedence.
+
+        Raises :class:`CorruptStoreError` when the file fails ``PRAGMA quick_check`` (the file
+        is left untouched), :class:`ConfigError` when the file belongs to another node or
+        region, :class:`StorageError` for folder and disk problems.
+        """
+        for name, resolver in (resolvers or {}).items():
+            if resolver not in RESOLVERS:
+                raise ConfigError(
+                    f"collection {name!r}: unknown resolver {resolver!r}",
+                    hint=f"Use one of: {', '.join(sorted(RESOLVERS))}.",
+                )
+        return _Opening(
+            cls._open(
+                Path(path),
+                node_id=node_id,
+                region=region,
+                tier_rules=tier_rules or TierRules([]),
+                resolvers=resolvers or {},
+                max_record_bytes=max_record_bytes,
+                busy_timeout_ms=busy_timeout_ms,
+                max_drift_ms=max_drift_ms,
+                wall=wall,
+            )
+        )
+
+    @classmethod
+    async def _open(
+        cls,
+        path: Path,
+        *,
+        node_id: str,
+        region: str,
+        tier_rules: TierRules,
+        resolvers: Mapping[str, str],
+        max_record_bytes: int,
+        busy_timeout_ms: int,
+        max_drift_ms: int,
+        wall: Callable[[], int] | None,
+    ) -> EdgeStore:
+        writer = await db.connect(path, busy_timeout_ms=busy_timeout_ms)
+        reader: aiosqlite.Connection | None = None
+        try:
+            await _check_integrity(writer, path)
+            try:
+                await migrate_sqlite(writer, data_dir("migrations") / "edge")
+            except sqlite3.Error as exc:
+                raise db.translate(exc, path) from None
+            meta = await _claim_identity(writer, path, node_id=node_id, region=region)
+            reader = await db.connect(path, busy_timeout_ms=busy_timeout_ms, readonly=True)
+        except BaseException:
+            await writer.close()
+            if reader is not None:
+                await reader.close()
+            raise
+        clock = HybridClock(max_drift_ms=max_drift_ms, high_water=int(meta.get("hlc", "0")))
+        if wall is not None:
+            clock.wall = wall
+        learnt = meta.get("tier_rules")
+        if learnt is not None:
+            tier_rules = TierRules.from_wire(json.loads(learnt))
+        learnt_resolvers = meta.get("resolvers")
+        if learnt_resolvers is not None:
+            resolvers = json.loads(learnt_resolvers)
+        return cls(
+            path=path,
+            node_id=node_id,
+            region=region,
+            writer=writer,
+            reader=reader,
+            clock=clock,
+            tier_rules=tier_rules,
+            resolvers=resolvers,
+            max_record_bytes=max_record_bytes,
+            busy_timeout_ms=busy_timeout_ms,
+        )
+
+    async def close(self) -> None:
+        """Finish queued writes, stop the writer and close both connections. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            # Let queued writes commit; bounded so a stuck disk cannot hang shutdown forever.
+            await asyncio.wait_for(asyncio.shield(self._queue.join()), timeout=30)
+        except TimeoutError:
+            log.warning(
+                "closing %s with writes still queued; they were not acknowledged", self.path
+            )
+        finally:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._fail_queued(StorageError("the store was closed", code="store_closed"))
+            await self._writer.close()
+            await self._reader.close()
+
+    async def __aenter__(self) -> EdgeStore:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def _lane_of(self, cell: str) -> int:
+        lane = self._lanes.get(cell)
+        if lane is None:
+            if len(self._lanes) > 65_536:
+                self._lanes.clear()
+            lane = self._lanes[cell] = self.tier_rules.tier_for(cell).priority
+        return lane
+
+    def resolver_for(self, collection: str) -> str:
+        return self.resolvers.get(collection, DEFAULT_RESOLVER)
+
+    def _validate_target(self, cell: str, collection: str, key: str) -> None:
+        parse_cell(cell)
+        validate_collection(collection)
+        validate_key(key)
+        if home_region(cell) != self.region:
+            raise ForbiddenError(
+                f"cell {cell!r} belongs to region {home_region(cell)!r}, "
+                f"but this node is in {self.region!r}",
+                hint="A node writes only cells of its own region; the hub would refuse it.",
+                code="foreign_region",
+                detail={"cell": cell, "region": self.region},
+            )
+
+    async def put(self, cell: str, collection: str, key: str, fields: Mapping[str, Any]) -> int:
+        """Merge ``fields`` into the record and queue the change; return its hlc.
+
+        Returns once the change is committed to disk. Raises a :class:`ValidationError` /
+        :class:`LimitExceededError` for bad input (nothing written), :class:`ForbiddenError`
+        for a cell of another region, :class:`StorageError` when the disk refused the write
+        (nothing acknowledged).
+        """
+        self._validate_target(cell, collection, key)
+        checked = validate_fields(
+            fields, resolver=self.resolver_for(collection), max_bytes=self.max_record_bytes
+        )
+        return await self._submit(cell, collection, key, checked)
+
+    async def delete(self, cell: str, collection: str, key: str) -> int:
+        """Delete the record (a tombstone) and queue the change; return its hlc."""
+        self._validate_target(cell, collection, key)
+        return await self._submit(cell, collection, key, None)
+
+    async def _submit(
+        self, cell: str, collection: str, key: str, fields: dict[str, Any] | None
+    ) -> int:
+        if self._closed:
+            raise StorageError("the store is closed", code="store_closed")
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Write(cell, collection, key, fields, future))
+        return await future
+
+    async def run_exclusive(self, body: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
+        """Run ``body(conn)`` inside its own ``BEGIN IMMEDIATE`` transaction on the write
+        connection, serialized with local writes. For the outbox and sync layers."""
+        if self._closed:
+            raise StorageError("the store is closed", code="store_closed")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Job(lambda: body(self._writer), future))
+        return await future
+
+    async def _write_loop(self) -> None:
+        carry: _Write | _Job | None = None
+        while True:
+            item = carry if carry is not None else await self._queue.get()
+            carry = None
+            if isinstance(item, _Job):
+                await self._run_job(item)
+                self._queue.task_done()
+                continue
+            group = [item]
+            while len(group) < MAX_GROUP and not self._queue.empty():
+                nxt = self._queue.get_nowait()
+                if isinstance(nxt, _Job):
+                    carry = nxt
+                    break
+                group.append(nxt)
+            await self._commit_group(group)
+            for _ in group:
+                self._queue.task_done()
+            # A carried job was taken off the queue too; its task_done comes when it runs.
+
+    async def _run_job(self, job: _Job) -> None:
+        if job.future.cancelled():
+            return
+        try:
+            if job.in_transaction:
+                result = await db.transaction(self._writer, self.path, job.body)
+            else:
+                result = await job.body()
+        except Exception as exc:
+            if not job.future.done():
+                job.future.set_exception(exc)
+            await self._after_failure(exc)
+        else:
+            if not job.future.done():
+                job.future.set_result(result)
+
+    async def _commit_group(self, group: list[_Write]) -> None:
+        live = [w for w in group if not w.future.cancelled()]
+        if not live:
+            return
+        try:
+            stamps = await db.run_transaction(self._writer, self.path, self._write_tx, live)
+        except Exception as exc:
+            for w in live:
+                if not w.future.done():
+                    w.future.set_exception(exc)
+            await self._after_failure(exc)
+            return
+        self.commits += 1
+        self.writes_committed += len(live)
+        crashpoints.crashpoint("edge.put.after_commit_before_ack")
+        for w, hlc in zip(live, stamps, strict=True):
+            if not w.future.done():
+                w.future.set_result(hlc)
+
+    async def _after_failure(self, exc: BaseException) -> None:
+        """After an I/O error the page cache may hold pages the disk never got (fsyncgate):
+        reopen the write connection rather than trust it."""
+        if not (isinstance(exc, StorageError) and exc.code == "io_error"):
+            return
+        log.error("I/O error on %s; reopening the write connection", self.path)
+        with contextlib.suppress(sqlite3.Error, ValueError):
+            await self._writer.close()
+        try:
+            self._writer = await db.connect(self.path, busy_timeout_ms=self._busy_timeout_ms)
+        except SyncError as again:
+            # Keep serving: the next write retries the reopen through the same path.
+            log.error("reopening %s failed: %s", self.path, again)
+
+    def _fail_queued(self, exc: SyncError) -> None:
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if not item.future.done():
+                item.future.set_exception(exc)
+            self._queue.task_done()
+
+    # -- transaction bodies: these run on the write connection's thread, never the loop ----
+
+    @staticmethod
+    def _load_states(
+        conn: sqlite3.Connection, keys: Iterable[RecordKey]
+    ) -> dict[RecordKey, RecordState]:
+        """Current states of ``keys``, read inside the caller's transaction."""
+        wanted = list(keys)
+        states: dict[RecordKey, RecordState] = {}
+        for i in range(0, len(wanted), _KEYS_PER_QUERY):
+            chunk = wanted[i : i + _KEYS_PER_QUERY]
+            marks = ",".join("(?,?,?)" for _ in chunk)
+            params = [v for k in chunk for v in k]
+            # A join on a VALUES list, not a row-value IN: SQLite answers the IN form with
+            # a scan of the whole table, the join with one primary-key search per key.
+            rows = conn.execute(
+                f"SELECT r.cell, r.collection, r.key, r.state FROM (VALUES {marks}) AS k "
+                "JOIN records AS r ON r.cell = k.column1 AND r.collection = k.column2 "
+                "AND r.key = k.column3",
+                params,
+            )
+            for cell, collection, key, blob in rows:
+                states[(cell, collection, key)] = RecordState.from_bytes(blob)
+        return states
+
+    @staticmethod
+    def _write_records(
+        conn: sqlite3.Connection, touched: Mapping[RecordKey, RecordState], now_ms: int
+    ) -> None:
+        rows = []
+        for (cell, collection, key), state in touched.items():
+            doc = state.document()
+            rows.append(
+                (
+                    cell,
+                    collection,
+                    key,
+                    document_json(doc) if doc else None,
+                    state.to_bytes(),
+                    state.max_hlc,
+                    0 if doc else 1,
+                    now_ms,
+                )
+            )
+        conn.executemany(
+            "INSERT INTO records (cell, collection, key, doc, state, hlc, deleted, updated_at_ms) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (cell, collection, key) DO UPDATE SET doc = excluded.doc, "
+            "state = excluded.state, hlc = excluded.hlc, deleted = excluded.deleted, "
+            "updated_at_ms = excluded.updated_at_ms",
+            rows,
+        )
+
+    def _sync_clock(self, conn: sqlite3.Connection) -> tuple[dict[int, int], dict[int, int]]:
+        """Inside the write lock: fold the persisted high-water mark (another process may
+        have advanced it) into our clock; return each lane's next seq and first seq."""
+        next_seq: dict[int, int] = {}
+        first_seq: dict[int, int] = {}
+        for lane, seq, first, high_water in conn.execute(
+            "SELECT lane, next_seq, first_seq, (SELECT value FROM meta WHERE key = 'hlc') "
+            "FROM lanes"
+        ):
+            next_seq[lane] = seq
+            first_seq[lane] = first
+            if high_water is not None:
+                self.clock.observe_local(int(high_water))
+        return next_seq, first_seq
+
+    def _save_clock(self, conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('hlc', ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (str(self.clock.last),),
+        )
+
+    def _write_tx(self, conn: sqlite3.Connection, group: Sequence[_Write]) -> list[int]:
+        """The body of one group commit."""
+        next_seq, _ = self._sync_clock(conn)
+        issued = dict(next_seq)
+        states = self._load_states(conn, {(w.cell, w.collection, w.key) for w in group})
+        now_ms = _now_ms()
+        touched: dict[RecordKey, RecordState] = {}
+        outbox_rows = []
+        stamps = []
+        for w in group:
+            rk = (w.cell, w.collection, w.key)
+            state = states.get(rk)
+            hlc = self.clock.now()
+            base: dict[str, int] = {}
+            if state is not None:
+                names = state.document().keys() if w.fields is None else w.fields.keys()
+                base = dict(_seen(state, names))
+            lane = self._lane_of(w.cell)
+            seq = next_seq[lane]
+            next_seq[lane] = seq + 1
+            change = Change(
+                cell=w.cell,
+                collection=w.collection,
+                key=w.key,
+                hlc=hlc,
+                node=self.node_id,
+                fields=w.fields,
+                base=base,
+                lane=lane,
+                seq=seq,
+            )
+            state = apply_change(state, change, self.resolver_for(w.collection)).state
+            states[rk] = touched[rk] = state
+            outbox_rows.append(
+                (lane, seq, w.cell, w.collection, w.key, hlc, encode_payload(change), now_ms)
+            )
+            stamps.append(hlc)
+        self._write_records(conn, touched, now_ms)
+        crashpoints.crashpoint("edge.groupcommit.mid")
+        conn.executemany(
+            "INSERT INTO outbox (lane, seq, cell, collection, key, hlc, payload, created_at_ms) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            outbox_rows,
+        )
+        conn.executemany(
+            "UPDATE lanes SET next_seq = ? WHERE lane = ?",
+            [(seq, lane) for lane, seq in next_seq.items() if seq != issued[lane]],
+        )
+        self._save_clock(conn)
+        crashpoints.crashpoint("edge.put.before_commit")
+        return stamps
+
+    # -- changes from the hub -----------------------------------------------------------------
+
+    async def apply_remote(
+        self, changes: Sequence[Change], *, cursor: int, cursor_name: str = "pull"
+    ) -> int:
+        """Merge a page of changes pulled from the hub and move the named pull cursor to
+        ``cursor``, in one transaction. Returns how many changes were applied.
+
+        A page whose cursor is behind the stored one (a stale or repeated page) changes
+        nothing. This node's own changes are skipped: they were applied when written.
+        """
+
+        if self._closed:
+            raise StorageError("the store is closed", code="store_closed")
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        async def job() -> int:
+            return await db.run_transaction(
+                self._writer, self.path, self._apply_tx, changes, cursor_name, cursor
+            )
+
+        self._queue.put_nowait(_Job(job, future, in_transaction=False))
+        return await future
+
+    def _apply_tx(
+        self,
+        conn: sqlite3.Connection,
+        changes: Sequence[Change],
+        cursor_name: str,
+        cursor: int,
+    ) -> int:
+        """The body of applying one pulled page (on the write connection's thread)."""
+        row = conn.execute("SELECT value FROM cursors WHERE name = ?", (cursor_name,)).fetchone()
+        if row is not None and row[0] >= cursor:
+            return 0
+        _, first_seq = self._sync_clock(conn)
+        todo = [c for c in changes if not self._is_own(c, first_seq)]
+        states = self._load_states(conn, {(c.cell, c.collection, c.key) for c in todo})
+        touched: dict[RecordKey, RecordState] = {}
+        for c in todo:
+            rk = (c.cell, c.collection, c.key)
+            state = apply_change(states.get(rk), c, self.resolver_for(c.collection)).state
+            states[rk] = touched[rk] = state
+            self._observe(c.hlc)
+        self._write_records(conn, touched, _now_ms())
+        conn.execute(
+            "INSERT INTO cursors (name, value) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            (cursor_name, cursor),
+        )
+        self._save_clock(conn)
+        crashpoints.crashpoint("pull.after_apply_before_commit")
+        return len(todo)
+
+    def _is_own(self, change: Change, first_seq: Mapping[int, int]) -> bool:
+        # Own changes issued by this file are already applied; ones from before it (a rebuilt
+        # store) are not, and must be, or a counter would lose them.
+        return change.node == self.node_id and change.seq >= first_seq.get(change.lane, 1)
+
+    def _observe(self, hlc: int) -> None:
+        try:
+            self.clock.observe(hlc)
+        except ClockDriftError as exc:
+            # Never fold a far-future stamp into our clock; the data itself is still applied.
+            if not self._drift_warned:
+                log.warning("not folding a remote stamp into the clock: %s", exc.message)
+                self._drift_warned = True
+
+    async def cursor(self, name: str = "pull") -> int:
+        """The stored pull cursor (0 before the first pull)."""
+        rows = await self._read("SELECT value FROM cursors WHERE name = ?", (name,))
+        return int(rows[0][0]) if rows else 0
+
+    async def save_learnt_rules(
+        self, tier_rules: TierRules, resolvers: Mapping[str, str] | None = None
+    ) -> None:
+        """Keep the tier rules (and resolvers) learnt from the hub for offline use."""
+
+        async def body(conn: aiosqlite.Connection) -> None:
+            await conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('tier_rules', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (json.dumps(tier_rules.to_wire()),),
+            )
+            if resolvers is not None:
+                await conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('resolvers', ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (json.dumps(dict(resolvers)),),
+                )
+
+        await self.run_exclusive(body)
+        self.tier_rules = tier_rules
+        self._lanes = {}
+        if resolvers is not None:
+            self.resolvers = dict(resolvers)
+
+    # -- reads --------------------------------------------------------------------------------
+
+    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        try:
+            return list(await self._reader.execute_fetchall(sql, params))
+        except sqlite3.Error as exc:
+            raise db.translate(exc, self.path) from None
+
+    async def get(self, cell: str, collection: str, key: str) -> dict[str, Any] | None:
+        """The record's document, or None when it does not exist or is deleted."""
+        self._validate_target(cell, collection, key)
+        rows = await self._read(
+            "SELECT doc FROM records WHERE cell = ? AND collection = ? AND key = ?",
+            (cell, collection, key),
+        )
+        if not rows or rows[0][0] is None:
+            return None
+        doc: dict[str, Any] = json.loads(rows[0][0])
+        return doc
+
+    async def get_state(self, cell: str, collection: str, key: str) -> RecordState | None:
+        """The record's full merge state (values, stamps, tombstone), or None."""
+        rows = await self._read(
+            "SELECT state FROM records WHERE cell = ? AND collection = ? AND key = ?",
+            (cell, collection, key),
+        )
+        return RecordState.from_bytes(rows[0][0]) if rows else None
+
+    async def scan(
+        self, cell: str, collection: str, *, page: int = 500
+    ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """Yield ``(key, document)`` for the live records of one cell and collection, by key.
+
+        Reads in pages (keyset pagination) so a large collection is never held in memory.
+        """
+        parse_cell(cell)
+        validate_collection(collection)
+        after = ""
+        while True:
+            rows = await self._read(
+                "SELECT key, doc FROM records WHERE cell = ? AND collection = ? AND key > ? "
+                "AND deleted = 0 ORDER BY key LIMIT ?",
+                (cell, collection, after, page),
+            )
+            for key, doc in rows:
+                yield key, json.loads(doc)
+            if len(rows) < page:
+                return
+            after = rows[-1][0]
+
+    async def integrity_check(self) -> str:
+        """``PRAGMA integrity_check``: ``"ok"`` or SQLite's description of the damage."""
+        rows = await self._read("PRAGMA integrity_check")
+        return "; ".join(str(r[0]) for r in rows)
+
+
+def _seen(state: RecordState, names: Iterable[str]) -> Iterable[tuple[str, int]]:
+    """The hlc of the visible version of each named field: what a writer now replaces."""
+    for name in names:
+        entry = state.hub.get(name) or state.fields.get(name)
+        if entry is not None and (state.tomb is None or (entry[1], entry[2]) > state.tomb):
+            yield name, entry[1]
+
+
+async def _check_integrity(conn: aiosqlite.Connection, path: Path) -> None:
+    try:
+        rows = await conn.execute_fetchall("PRAGMA quick_check")
+    except sqlite3.DatabaseError as exc:
+        raise CorruptStoreError(
+            f"{path} is not a readable SQLite database: {exc}",
+            detail={"path": str(path)},
+        ) from None
+    result = "; ".join(str(r[0]) for r in rows)
+    if result != "ok":
+        raise CorruptStoreError(
+            f"{path} failed its integrity check: {result[:500]}",
+            detail={"path": str(path), "quick_check": result[:2000]},
+        )
+
+
+async def _claim_identity(
+    conn: aiosqlite.Connection, path: Path, *, node_id: str, region: str
+) -> dict[str, str]:
+    """Record which node owns the file, or refuse to open another node's file."""
+
+    async def body() -> dict[str, str]:
+        meta: dict[str, str] = {
+            k: v for k, v in await conn.execute_fetchall("SELECT key, value FROM meta")
+        }
+        for key, want in (("node_id", node_id), ("region", region)):
+            have = meta.get(key)
+            if have is None:
+                await conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, want))
+                meta[key] = want
+            elif have != want:
+                raise ConfigError(
+                    f"{path} belongs to {key} {have!r}, not {want!r}",
+                    hint="Point `db` at this node's own file; one store serves one node.",
+                    code="store_identity",
+                )
+        return meta
+
+    return await db.transaction(conn, path, body)
+
+
+class _Opening:
+    """What :meth:`EdgeStore.open` returns: awaitable, or usable with ``async with``."""
+
+    __slots__ = ("_coro", "_store")
+
+    def __init__(self, coro: Awaitable[EdgeStore]) -> None:
+        self._coro = coro
+        self._store: EdgeStore | None = None
+
+    def __await__(self) -> Generator[Any, None, EdgeStore]:
+        return self._coro.__await__()
+
+    async def __aenter__(self) -> EdgeStore:
+        self._store = await self._coro
+        return self._store
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._store is not None:
+            await self._store.close()
