@@ -13,6 +13,7 @@ one node with a clock a year ahead must not drag every replica's stamps a year f
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -70,11 +71,12 @@ def _wall_ms() -> int:
 class HybridClock:
     """A node's hybrid logical clock.
 
-    ``wall`` returns milliseconds since the Unix epoch; tests inject their own. The clock is
-    not thread-safe; each store owns one and uses it from its event loop.
+    ``wall`` returns milliseconds since the Unix epoch; tests inject their own. Thread-safe:
+    the edge store issues stamps on its SQLite thread while the sync layer folds the hub's
+    stamps in from the event loop, and a lost update would let the clock step back.
     """
 
-    __slots__ = ("_last", "max_drift_ms", "wall")
+    __slots__ = ("_last", "_lock", "max_drift_ms", "wall")
 
     def __init__(
         self,
@@ -86,6 +88,7 @@ class HybridClock:
         self.wall = wall
         self.max_drift_ms = max_drift_ms
         self._last = high_water
+        self._lock = threading.Lock()
 
     @property
     def last(self) -> int:
@@ -95,9 +98,10 @@ class HybridClock:
     def now(self) -> int:
         """A new stamp, strictly greater than every stamp issued or observed before."""
         candidate = make_hlc(self.wall())
-        # +1 on the packed integer is the overflow rule: a full counter carries into the ms.
-        self._last = candidate if candidate > self._last else self._last + 1
-        return self._last
+        with self._lock:
+            # +1 on the packed integer is the overflow rule: a full counter carries into the ms.
+            self._last = candidate if candidate > self._last else self._last + 1
+            return self._last
 
     def observe(self, remote: int) -> None:
         """Fold a stamp received from another node (or the hub) into this clock.
@@ -112,11 +116,13 @@ class HybridClock:
                 f"(allowed {self.max_drift_ms / 1000:.0f} s)",
                 detail={"hlc": remote, "ahead_ms": ahead_ms, "max_drift_ms": self.max_drift_ms},
             )
-        self._last = max(self._last, remote)
+        with self._lock:
+            self._last = max(self._last, remote)
 
     def observe_local(self, high_water: int) -> None:
         """Restore a persisted high-water mark. Never refused: these stamps were our own."""
-        self._last = max(self._last, high_water)
+        with self._lock:
+            self._last = max(self._last, high_water)
 
     def drift_ms(self, remote: int) -> int:
         """How far ``remote`` is ahead (positive) or behind (negative) the wall clock."""

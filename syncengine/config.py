@@ -32,6 +32,7 @@ from urllib.parse import SplitResult, urlsplit, urlunsplit
 from syncengine import resources
 from syncengine.cells import REGION_CODES, home_region, parse_prefix
 from syncengine.errors import ConfigError, ValidationError
+from syncengine.merge import RESOLVERS, validate_collection
 from syncengine.resources import TomlTable
 from syncengine.tiers import Tier, TierPolicy, TierRules, load_policies
 
@@ -86,7 +87,12 @@ _EDGE_SCALARS: Final[Mapping[str, type]] = {
     "busy_timeout_ms": int,
     "metrics_listen": str,
 }
-_EDGE_KEYS: Final = frozenset(_EDGE_SCALARS) | {"subscriptions", "tier_rules", "tier_policies"}
+_EDGE_KEYS: Final = frozenset(_EDGE_SCALARS) | {
+    "subscriptions",
+    "tier_rules",
+    "tier_policies",
+    "resolvers",
+}
 _HUB_SCALARS: Final[Mapping[str, type]] = {
     "region": str,
     "listen": str,
@@ -96,7 +102,7 @@ _HUB_SCALARS: Final[Mapping[str, type]] = {
     "max_body_bytes": int,
     "max_batch_changes": int,
 }
-_HUB_KEYS: Final = frozenset(_HUB_SCALARS) | {"tier_rules", "tier_policies"}
+_HUB_KEYS: Final = frozenset(_HUB_SCALARS) | {"tier_rules", "tier_policies", "resolvers"}
 # Conventional names (Heroku, compose, most PaaS) honoured for the hub's stores.
 _HUB_ALIASES: Final[Mapping[str, str]] = {"DATABASE_URL": "database_url", "REDIS_URL": "redis_url"}
 # Keys that tell an edge file from a hub file.
@@ -213,6 +219,8 @@ class EdgeConfig:
     subscriptions: tuple[str, ...] = ()
     #: Offline tier rules: apply until the hub's rules arrive with the first sync.
     tier_rules: TierRules = dataclasses.field(default_factory=TierRules)
+    #: Merge resolver per collection (``lww`` when absent). The hub's are authoritative.
+    resolvers: Mapping[str, str] = dataclasses.field(default_factory=dict)
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
     busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS
     #: ``host:port`` for the Prometheus endpoint; ``None`` serves no metrics.
@@ -263,6 +271,7 @@ class EdgeConfig:
             "token_file": str(self.token_file) if self.token_file is not None else None,
             "subscriptions": list(self.subscriptions),
             "tier_rules": self.tier_rules.to_wire(),
+            "resolvers": dict(self.resolvers),
             "max_record_bytes": self.max_record_bytes,
             "busy_timeout_ms": self.busy_timeout_ms,
             "metrics_listen": self.metrics_listen,
@@ -320,6 +329,7 @@ class EdgeConfig:
             token_file=_optional_path(table, "token_file", base_dir, from_env),
             inline_token=Secret(token) if token is not None else None,
             subscriptions=_subscriptions(table, region),
+            resolvers=_resolvers(table),
             tier_rules=TierRules.from_config(
                 table.get_list("tier_rules", []), source=table.source, region=region
             ),
@@ -345,6 +355,8 @@ class HubConfig:
     redis_url: str | None = None
     #: Authoritative prefix → tier rules, sent to the edges.
     tier_rules: TierRules = dataclasses.field(default_factory=TierRules)
+    #: Merge resolver per collection (``lww`` when absent). The hub's are authoritative.
+    resolvers: Mapping[str, str] = dataclasses.field(default_factory=dict)
     max_clock_drift_s: int = DEFAULT_MAX_CLOCK_DRIFT_S
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_batch_changes: int = DEFAULT_MAX_BATCH_CHANGES
@@ -369,6 +381,7 @@ class HubConfig:
             "database_url": mask_url(self.database_url),
             "redis_url": mask_url(self.redis_url),
             "tier_rules": self.tier_rules.to_wire(),
+            "resolvers": dict(self.resolvers),
             "max_clock_drift_s": self.max_clock_drift_s,
             "max_body_bytes": self.max_body_bytes,
             "max_batch_changes": self.max_batch_changes,
@@ -403,6 +416,7 @@ class HubConfig:
             listen=listen,
             database_url=_database_url(table),
             redis_url=_redis_url(table),
+            resolvers=_resolvers(table),
             tier_rules=TierRules.from_config(
                 table.get_list("tier_rules", []), source=table.source, region=region
             ),
@@ -532,6 +546,25 @@ def _with_environment(
 
 
 # -- validation of single keys -----------------------------------------------------------------
+
+
+def _resolvers(table: TomlTable) -> dict[str, str]:
+    """``resolvers = { stock = "counter", prices = "hub-wins" }``, validated."""
+    raw = table.get_table("resolvers", {})
+    out: dict[str, str] = {}
+    for collection in raw.as_dict():
+        try:
+            validate_collection(collection)
+        except ValidationError as exc:
+            raise table.error("resolvers", exc.message) from None
+        resolver = raw.get_str(collection)
+        if resolver not in RESOLVERS:
+            raise raw.error(
+                collection,
+                f"unknown resolver {resolver!r}; use one of {', '.join(sorted(RESOLVERS))}",
+            )
+        out[collection] = resolver
+    return out
 
 
 def _region(table: TomlTable) -> str:

@@ -4,6 +4,7 @@ Sections, each under its own banner; add new fixtures in a new section at the en
 
 1. Private servers: ``postgres``, ``pg_dsn``, ``redis_server``, ``redis_url``.
 2. Network faults: ``fault_proxy``.
+3. Hub: ``hub_factory``, ``hub`` (a real hub process-in-test on loopback).
 
 The helpers live in ``tests/support`` (imported as ``support``: pytest puts ``tests/`` on
 ``sys.path`` for this rootdir conftest).
@@ -14,11 +15,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
+from aiohttp import web
+
 from support.proxy import FaultProxy, ProxyFactory
-from support.servers import PostgresServer, RedisServer, ServerError
+from support.servers import PostgresServer, RedisServer, ServerError, free_port
+from syncengine.config import HubConfig
+from syncengine.hub.app import Hub
+from syncengine.hub.nodes import add_node
 
 logger = logging.getLogger(__name__)
 
@@ -84,3 +92,66 @@ async def fault_proxy() -> AsyncIterator[ProxyFactory]:
             return await stack.enter_async_context(proxy)
 
         yield factory
+
+
+# ================================================================================= 3. Hub
+# A real region hub (aiohttp on a free loopback port) against the private PostgreSQL and
+# Redis. ``hub_factory`` builds more than one (several hub processes per region) or one
+# with a different config; ``hub`` is the common case.
+
+
+@dataclass
+class RunningHub:
+    """A hub served on loopback. ``url`` for clients; ``hub`` for its internals."""
+
+    hub: Hub
+    url: str
+    config: HubConfig
+
+    async def add_node(self, node_id: str, *grants: str) -> str:
+        """Register ``node_id`` with ``grants`` (default: the whole west region)."""
+        return await add_node(self.hub.pool, self.config.region, node_id, list(grants) or ["west"])
+
+
+HubFactory = Callable[..., Awaitable[RunningHub]]
+
+DEFAULT_TIER_RULES = [
+    {"prefix": "west/ng/lagos/clinic-12/alerts", "tier": "critical"},
+    {"prefix": "west/ng/lagos/clinic-12/stock", "tier": "important"},
+    {"prefix": "west/ng/lagos/clinic-12/2019", "tier": "archive"},
+]
+
+
+@pytest.fixture
+async def hub_factory(pg_dsn: str, redis_url: str) -> AsyncIterator[HubFactory]:
+    """``await hub_factory(**overrides)`` starts a hub on the test's database; all are
+    stopped at the end. Overrides are hub.toml keys (e.g. ``redis_url=None``)."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def factory(**overrides: Any) -> RunningHub:
+            data: dict[str, Any] = {
+                "region": "west",
+                "database_url": pg_dsn,
+                "redis_url": redis_url,
+                "listen": f"127.0.0.1:{free_port()}",
+                "tier_rules": DEFAULT_TIER_RULES,
+                "resolvers": {"stock": "counter"},
+            }
+            data.update(overrides)
+            if data["redis_url"] is None:
+                del data["redis_url"]
+            config = HubConfig.from_mapping(data)
+            hub = await stack.enter_async_context(Hub.running(config))
+            runner = web.AppRunner(hub.app, access_log=None)
+            await runner.setup()
+            stack.push_async_callback(runner.cleanup)
+            await web.TCPSite(runner, config.listen_host, config.listen_port).start()
+            return RunningHub(hub=hub, url=f"http://{config.listen}", config=config)
+
+        yield factory
+
+
+@pytest.fixture
+async def hub(hub_factory: HubFactory) -> RunningHub:
+    """One running west hub with the default tier rules and a counter collection 'stock'."""
+    return await hub_factory()

@@ -1,0 +1,1 @@
+"""The region hub: PostgreSQL store, Redis cache, HTTP service. Never imports syncengine.edge."""

@@ -1,0 +1,396 @@
+"""The region hub's HTTP service (aiohttp): the sync protocol in front of PostgreSQL.
+
+Routes::
+
+    POST /v1/push      apply a batch of one node lane (msgpack, zstd optional)
+    GET  /v1/pull      changes after a cursor for one tier and the node's prefixes; long-poll
+    GET  /v1/config    tier rules, resolvers and limits for edges
+    GET  /v1/status    what `syncengine status` shows (JSON)
+    GET  /healthz      the process is up
+    GET  /readyz       PostgreSQL answers (503 if not); says "degraded" when Redis is down
+    GET  /metrics      Prometheus
+
+Every error leaves as ``{error, message, detail}`` (msgpack for sync routes when the client
+accepts it, JSON otherwise) with a stable code; 4xx are final for the request, 5xx are
+retried by edges. The process holds no state another hub process needs: several run
+behind a load balancer against the same PostgreSQL and Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any, Final
+
+import asyncpg
+from aiohttp import web
+
+from syncengine.clock import HybridClock
+from syncengine.codec import Limits
+from syncengine.config import HubConfig
+from syncengine.errors import (
+    DecodeError,
+    InvalidInputError,
+    LimitExceededError,
+    SyncError,
+)
+from syncengine.hub import db, feed, nodes, push
+from syncengine.hub.cache import Cache
+from syncengine.hub.metrics import HubMetrics
+from syncengine.protocol import (
+    PROTOCOL_VERSION,
+    decode_body,
+    decode_push,
+    encode_body,
+    encode_pull_page,
+    encode_push_answer,
+)
+from syncengine.tiers import Tier
+
+__all__ = ["MSGPACK", "Hub", "run_hub"]
+
+log = logging.getLogger(__name__)
+
+MSGPACK: Final = "application/msgpack"
+MAX_PULL_LIMIT: Final = 5000
+MAX_WAIT_S: Final = 60.0
+#: With Redis down, a long-poll re-reads PostgreSQL this often instead of waiting for pub/sub.
+POLL_FALLBACK_S: Final = 1.0
+#: Even with pub/sub healthy, a long-poll re-reads this often, bounding a lost wake-up.
+RECHECK_S: Final = 5.0
+
+
+class Hub:
+    """One hub process: config, database pool, cache, clock and the aiohttp application."""
+
+    def __init__(self, config: HubConfig, pool: asyncpg.Pool, cache: Cache) -> None:
+        self.config = config
+        self.pool = pool
+        self.cache = cache
+        self.clock = HybridClock(max_drift_ms=config.max_clock_drift_s * 1000)
+        self.resolvers: dict[str, str] = dict(getattr(config, "resolvers", {}) or {})
+        self.limits = Limits(max_body_bytes=config.max_body_bytes)
+        self.metrics = HubMetrics()
+        self.started = time.time()
+        # Local wake-ups for long-polls; Redis pub/sub carries them across processes.
+        self._wake: dict[int, asyncio.Event] = {t.priority: asyncio.Event() for t in Tier}
+        self.app = self._build_app()
+
+    @classmethod
+    @asynccontextmanager
+    async def running(cls, config: HubConfig, *, migrate: bool = True) -> AsyncIterator[Hub]:
+        """Connect to PostgreSQL (migrating) and Redis; yield the hub; close both."""
+        async with AsyncExitStack() as stack:
+            pool = await db.connect_pool(config.database_url, migrate=migrate)
+            stack.push_async_callback(pool.close)
+            cache = Cache(config.redis_url, namespace=f"syncengine:{config.region}")
+            await cache.start()
+            stack.push_async_callback(cache.close)
+            hub = cls(config, pool, cache)
+            cache.on_wakeup = hub._local_wake
+            yield hub
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _build_app(self) -> web.Application:
+        app = web.Application(
+            middlewares=[self._errors],
+            client_max_size=self.config.max_body_bytes,
+        )
+        app.add_routes(
+            [
+                web.post("/v1/push", self._push),
+                web.get("/v1/pull", self._pull),
+                web.get("/v1/config", self._config),
+                web.get("/v1/status", self._status),
+                web.get("/healthz", self._healthz),
+                web.get("/readyz", self._readyz),
+                web.get("/metrics", self._metrics),
+            ]
+        )
+        return app
+
+    @web.middleware
+    async def _errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        started = time.perf_counter()
+        try:
+            response = await handler(request)
+        except SyncError as exc:
+            self.metrics.errors.labels(code=exc.code).inc()
+            if exc.http_status >= 500:
+                log.warning("%s %s: %s", request.method, request.path, exc.message)
+            response = self._error_response(request, exc.http_status, exc.to_wire())
+        except web.HTTPException as exc:
+            if exc.status == 413:
+                err = LimitExceededError(
+                    f"body exceeds the limit of {self.config.max_body_bytes} bytes",
+                    code="body_too_large",
+                )
+                response = self._error_response(request, 413, err.to_wire())
+            else:
+                raise
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            self.metrics.errors.labels(code="internal_error").inc()
+            response = self._error_response(
+                request,
+                500,
+                {
+                    "error": "internal_error",
+                    "message": "the hub failed unexpectedly; the request can be retried",
+                    "detail": {},
+                },
+            )
+        self.metrics.requests.labels(route=request.path, status=str(response.status)).observe(
+            time.perf_counter() - started
+        )
+        response.headers["X-Hub-HLC"] = str(self.clock.now())
+        return response
+
+    def _error_response(
+        self, request: web.Request, status: int, body: dict[str, Any]
+    ) -> web.Response:
+        if MSGPACK in request.headers.get("Accept", ""):
+            data, _ = encode_body(body, allow_zstd=False)
+            return web.Response(status=status, body=data, content_type=MSGPACK)
+        return web.json_response(body, status=status)
+
+    def _msgpack_response(self, request: web.Request, obj: Any) -> web.Response:
+        accepts_zstd = "zstd" in request.headers.get("Accept-Encoding", "")
+        data, encoding = encode_body(obj, allow_zstd=accepts_zstd)
+        self.metrics.bytes_out.inc(len(data))
+        response = web.Response(body=data, content_type=MSGPACK)
+        if encoding:
+            response.headers["Content-Encoding"] = encoding
+        return response
+
+    async def _node(self, request: web.Request) -> nodes.Node:
+        auth = request.headers.get("Authorization", "")
+        token = auth[7:].strip() if auth.lower().startswith("bearer ") else None
+        return await nodes.authenticate(self.pool, token)
+
+    def _local_wake(self, tiers: frozenset[int]) -> None:
+        for t in tiers:
+            event = self._wake.get(t)
+            if event is not None:
+                event.set()
+                # A fresh event for the next waiters; the set one releases current waiters.
+                self._wake[t] = asyncio.Event()
+
+    # -- sync routes ------------------------------------------------------------------------
+
+    async def _push(self, request: web.Request) -> web.Response:
+        node = await self._node(request)
+        length = request.content_length
+        if length is not None and length > self.config.max_body_bytes:
+            raise LimitExceededError(
+                f"body of {length} bytes exceeds the limit of {self.config.max_body_bytes}",
+                code="body_too_large",
+            )
+        raw = await request.read()
+        self.metrics.bytes_in.inc(len(raw))
+        encoding = request.headers.get("Content-Encoding")
+        obj = decode_body(raw, encoding, self.limits)
+        batch = decode_push(obj, max_changes=self.config.max_batch_changes)
+        push.check_batch(
+            node, batch, region=self.config.region, clock=self.clock, resolvers=self.resolvers
+        )
+        result = await push.apply_push(
+            self.pool,
+            node,
+            batch,
+            clock=self.clock,
+            tier_rules=self.config.tier_rules,
+            resolvers=self.resolvers,
+        )
+        self.metrics.pushes.labels(tier=Tier.from_priority(batch.lane).value).inc()
+        self.metrics.changes_applied.inc(result.answer.applied)
+        self.metrics.batch_size.observe(len(batch.changes))
+        self.metrics.conflicts.inc(result.answer.conflicts)
+        if result.tiers:
+            self._local_wake(result.tiers)
+            await self.cache.publish_wakeup(result.tiers)
+        return self._msgpack_response(request, encode_push_answer(result.answer))
+
+    async def _pull(self, request: web.Request) -> web.Response:
+        node = await self._node(request)
+        q = request.query
+        tier = _tier_param(q.get("tier", "standard"))
+        after = _int_param(q, "after", 0, 0, (1 << 63) - 1)
+        limit = _int_param(q, "limit", 1000, 1, MAX_PULL_LIMIT)
+        wait = _float_param(q, "wait", 0.0, 0.0, MAX_WAIT_S)
+        prefixes = nodes.check_readable(node, self.config.region, q.getall("prefix", []))
+        if not prefixes:
+            raise InvalidInputError("give at least one prefix=…", code="missing_prefix")
+        deadline = time.monotonic() + wait
+        while True:
+            # Take the event before reading: a push landing after the read still wakes us.
+            event = self._wake[tier]
+            page = await feed.read_page(
+                self.pool,
+                node_id=node.node_id,
+                tier=tier,
+                prefixes=prefixes,
+                after=after,
+                limit=limit,
+                clock=self.clock,
+            )
+            remaining = deadline - time.monotonic()
+            if page.changes or remaining <= 0:
+                break
+            after = page.next_cursor
+            # Wake on a push (local, or from another process via Redis pub/sub); re-read
+            # PostgreSQL anyway every few seconds, and every second while Redis is down.
+            recheck = POLL_FALLBACK_S if self.cache.degraded else RECHECK_S
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout=min(remaining, recheck))
+        self.metrics.pulls.labels(tier=Tier.from_priority(tier).value).inc()
+        return self._msgpack_response(request, encode_pull_page(page))
+
+    async def _config(self, request: web.Request) -> web.Response:
+        await self._node(request)
+        body = {
+            "v": PROTOCOL_VERSION,
+            "region": self.config.region,
+            "tier_rules": self.config.tier_rules.to_wire(),
+            "resolvers": self.resolvers,
+            "max_clock_drift_ms": self.config.max_clock_drift_s * 1000,
+            "max_batch_changes": self.config.max_batch_changes,
+            "max_body_bytes": self.config.max_body_bytes,
+            "hub_hlc": self.clock.now(),
+        }
+        if MSGPACK in request.headers.get("Accept", ""):
+            return self._msgpack_response(request, body)
+        return web.json_response(body)
+
+    # -- operations routes ------------------------------------------------------------------
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        try:
+            async with db.translated("readiness"):
+                await self.pool.fetchval("SELECT 1", timeout=2.0)
+        except SyncError as exc:
+            return web.json_response(
+                {"status": "unavailable", "database": "down", "message": exc.message}, status=503
+            )
+        cache = "degraded" if self.cache.degraded else "ok"
+        return web.json_response(
+            {
+                "status": "degraded" if self.cache.degraded else "ok",
+                "database": "ok",
+                "cache": cache,
+            }
+        )
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.status())
+
+    async def status(self) -> dict[str, Any]:
+        """What `syncengine status --config hub.toml` shows."""
+        async with db.translated("status"):
+            head = await self.pool.fetchval("SELECT id FROM feed_head")
+            node_rows = await self.pool.fetch(
+                "SELECT n.node_id, n.last_seen, n.revoked_at IS NOT NULL AS revoked, "
+                "coalesce(jsonb_object_agg(l.lane, l.acked_seq) FILTER (WHERE l.lane IS NOT NULL), "
+                "'{}') AS acked FROM nodes n LEFT JOIN node_lanes l USING (node_id) "
+                "GROUP BY n.node_id ORDER BY n.node_id"
+            )
+            conflicts = await self.pool.fetchval("SELECT count(*) FROM conflicts")
+        return {
+            "schema": 1,
+            "region": self.config.region,
+            "feed_head": head,
+            "conflicts": conflicts,
+            "cache": {
+                "state": "degraded" if self.cache.degraded else "ok",
+                "configured": self.cache.configured,
+                "hits": self.cache.hits,
+                "misses": self.cache.misses,
+            },
+            "database_pool": {"size": self.pool.get_size(), "idle": self.pool.get_idle_size()},
+            "uptime_s": round(time.time() - self.started, 1),
+            "nodes": [
+                {
+                    "node_id": r["node_id"],
+                    "last_seen": r["last_seen"].isoformat() if r["last_seen"] else None,
+                    "revoked": r["revoked"],
+                    "acked_seq": {
+                        Tier.from_priority(int(k)).value: v
+                        for k, v in json.loads(r["acked"]).items()
+                    },
+                }
+                for r in node_rows
+            ],
+        }
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        self.metrics.pool_size.set(self.pool.get_size())
+        self.metrics.pool_idle.set(self.pool.get_idle_size())
+        self.metrics.cache_degraded.set(1 if self.cache.degraded else 0)
+        body, content_type = self.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def _tier_param(value: str) -> int:
+    try:
+        return Tier(value).priority
+    except ValueError:
+        raise InvalidInputError(
+            f"unknown tier {value!r}",
+            hint=f"Use one of: {', '.join(t.value for t in Tier)}.",
+            code="invalid_tier",
+        ) from None
+
+
+def _int_param(q: Any, name: str, default: int, lo: int, hi: int) -> int:
+    raw = q.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise DecodeError(f"{name}={raw[:40]!r} is not an integer", code="invalid_param") from None
+    if not lo <= value <= hi:
+        raise InvalidInputError(f"{name}={value} is outside {lo}..{hi}", code="invalid_param")
+    return value
+
+
+def _float_param(q: Any, name: str, default: float, lo: float, hi: float) -> float:
+    raw = q.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise DecodeError(f"{name}={raw[:40]!r} is not a number", code="invalid_param") from None
+    if not lo <= value <= hi:
+        raise InvalidInputError(f"{name}={value} is outside {lo}..{hi}", code="invalid_param")
+    return value
+
+
+async def run_hub(config: HubConfig, *, ready: Callable[[], None] | None = None) -> None:
+    """Serve until cancelled (SIGTERM/SIGINT are turned into cancellation by the caller)."""
+    async with Hub.running(config) as hub:
+        runner = web.AppRunner(hub.app, access_log=None, shutdown_timeout=10.0)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, config.listen_host, config.listen_port, reuse_address=True)
+            await site.start()
+            log.info("hub for region %s listening on %s", config.region, config.listen)
+            if ready is not None:
+                ready()
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()

@@ -1,0 +1,152 @@
+"""Redis, strictly as a cache and a wake-up bus. Never the source of truth.
+
+Every call has a short timeout. Any failure opens a circuit breaker: for ``cooldown_s`` the
+cache is *degraded* — calls are skipped at once and callers serve from PostgreSQL — and then
+one call probes Redis again. A frozen Redis (SIGSTOP) therefore costs one timeout, not one
+per request, and a restarted Redis is picked up without restarting the hub.
+
+Pub/sub carries long-poll wake-ups between hub processes ("a push to tier T committed").
+Losing one only delays a long-poll until its periodic re-read of PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Final, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+__all__ = ["Cache"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT_S: Final = 0.25
+DEFAULT_COOLDOWN_S: Final = 2.0
+
+
+class Cache:
+    """A Redis connection with timeouts, a breaker and a wake-up subscriber.
+
+    ``url=None`` means no Redis is configured: the cache is permanently degraded (every
+    call skipped), which is correct, only slower.
+    """
+
+    def __init__(
+        self,
+        url: str | None,
+        *,
+        namespace: str,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        cooldown_s: float = DEFAULT_COOLDOWN_S,
+    ) -> None:
+        self.url = url
+        self.namespace = namespace
+        self.timeout_s = timeout_s
+        self.cooldown_s = cooldown_s
+        self.hits = 0
+        self.misses = 0
+        self.on_wakeup: Callable[[frozenset[int]], None] | None = None
+        self._redis: aioredis.Redis | None = None
+        self._open_until = 0.0  # breaker open (degraded) until this monotonic time
+        self._failing = url is None
+        self._listener: asyncio.Task[None] | None = None
+        self._channel = f"{namespace}:wake"
+
+    @property
+    def configured(self) -> bool:
+        return self.url is not None
+
+    @property
+    def degraded(self) -> bool:
+        """True while Redis is unusable (or not configured)."""
+        return self._failing
+
+    async def start(self) -> None:
+        if self.url is None:
+            return
+        self._redis = aioredis.Redis.from_url(
+            self.url,
+            socket_timeout=self.timeout_s,
+            socket_connect_timeout=self.timeout_s,
+            health_check_interval=0,
+            # redis-py retries 3 times by default: that would triple every timeout and hide
+            # the first failure from the breaker. The breaker is our retry policy.
+            retry=Retry(NoBackoff(), 0),
+        )
+        await self._call(lambda r: r.ping())
+        self._listener = asyncio.get_running_loop().create_task(
+            self._listen(), name="syncengine-hub-wakeups"
+        )
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+        if self._redis is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._redis.aclose()
+            self._redis = None
+
+    async def _call(self, op: Callable[[aioredis.Redis], Awaitable[T]]) -> T | None:
+        """Run ``op`` unless the breaker is open; ``None`` when skipped or failed."""
+        if self._redis is None:
+            return None
+        now = time.monotonic()
+        if now < self._open_until:
+            return None
+        try:
+            result = await asyncio.wait_for(op(self._redis), timeout=self.timeout_s * 2)
+        except (RedisError, OSError, TimeoutError) as exc:
+            if not self._failing:
+                log.warning(
+                    "Redis unusable (%s: %s); serving from PostgreSQL", type(exc).__name__, exc
+                )
+            self._failing = True
+            self._open_until = time.monotonic() + self.cooldown_s
+            return None
+        if self._failing:
+            log.info("Redis is back; cache enabled")
+            self._failing = False
+        return result
+
+    async def publish_wakeup(self, tiers: Iterable[int]) -> None:
+        payload = ",".join(str(t) for t in sorted(tiers))
+        await self._call(lambda r: r.publish(self._channel, payload))
+
+    async def ping(self) -> bool:
+        return await self._call(lambda r: r.ping()) is not None
+
+    async def _listen(self) -> None:
+        """Deliver wake-ups from other hub processes; reconnect with backoff, quietly."""
+        assert self._redis is not None
+        delay = 0.5
+        while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._channel)
+                delay = 0.5
+                while True:
+                    msg = await pubsub.get_message(timeout=1.0)
+                    if msg is None:
+                        continue
+                    data = msg.get("data")
+                    text = data.decode() if isinstance(data, bytes) else str(data)
+                    tiers = frozenset(int(t) for t in text.split(",") if t.isdigit())
+                    if self.on_wakeup is not None and tiers:
+                        self.on_wakeup(tiers)
+            except (RedisError, OSError, TimeoutError):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+            finally:
+                with contextlib.suppress(RedisError, OSError, TimeoutError):
+                    await asyncio.wait_for(pubsub.aclose(), timeout=1.0)  # type: ignore[no-untyped-call]

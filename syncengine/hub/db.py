@@ -1,0 +1,114 @@
+"""The hub's PostgreSQL seam: the connection pool and the one place asyncpg errors are
+translated into the syncengine tree.
+
+An error whose outcome is unknown (the connection died during COMMIT) is reported as
+:class:`HubUnavailableError` (HTTP 503): the edge retries the whole batch and the push dedup
+makes that safe. A COMMIT is never re-sent on another connection.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Final
+
+import asyncpg
+
+from syncengine.codec import canonical
+from syncengine.errors import HubUnavailableError, StorageError, SyncError
+from syncengine.migrations import migrate_postgres
+from syncengine.resources import data_dir
+
+__all__ = ["DEFAULT_COMMAND_TIMEOUT_S", "connect_pool", "pg_json", "translated"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_COMMAND_TIMEOUT_S: Final = 30.0
+_CONNECT_TIMEOUT_S: Final = 5.0
+
+#: SQLSTATE classes meaning "try again": connection exceptions, insufficient resources,
+#: operator intervention (shutdown, crash recovery), serialization failure / deadlock.
+_TRANSIENT_CLASSES: Final = ("08", "53", "57", "40")
+
+
+@asynccontextmanager
+async def translated(what: str) -> AsyncIterator[None]:
+    """Translate asyncpg / socket errors raised inside into :class:`SyncError`."""
+    try:
+        yield
+    except SyncError:
+        raise
+    except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
+        raise HubUnavailableError(
+            f"database unavailable during {what}: {type(exc).__name__}: {exc}",
+            hint="PostgreSQL is down or unreachable; the edge keeps its changes and retries.",
+            code="database_unavailable",
+        ) from exc
+    except asyncpg.PostgresError as exc:
+        state = getattr(exc, "sqlstate", "") or ""
+        if state[:2] in _TRANSIENT_CLASSES:
+            raise HubUnavailableError(
+                f"database busy or restarting during {what}: {exc}",
+                code="database_unavailable",
+                detail={"sqlstate": state},
+            ) from exc
+        log.exception("database error during %s", what)
+        raise StorageError(
+            f"database error during {what}: {exc}",
+            hint="This is a hub bug or a schema mismatch; run `syncengine hub verify`.",
+            code="database_error",
+            detail={"sqlstate": state},
+        ) from exc
+
+
+async def connect_pool(
+    dsn: str,
+    *,
+    min_size: int = 2,
+    max_size: int = 10,
+    migrate: bool = True,
+    command_timeout: float = DEFAULT_COMMAND_TIMEOUT_S,
+) -> asyncpg.Pool:
+    """Open a pool to the region's database, applying ``migrations/hub`` first when asked
+    (several hub processes may start at once; the migration lock serializes them)."""
+    async with translated("connect"):
+        if migrate:
+            conn = await asyncpg.connect(dsn, timeout=_CONNECT_TIMEOUT_S)
+            try:
+                applied = await migrate_postgres(conn, data_dir("migrations") / "hub")
+                if applied:
+                    log.info("applied hub migrations %s", applied)
+            finally:
+                await conn.close()
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=_CONNECT_TIMEOUT_S,
+            command_timeout=command_timeout,
+            # Reconnected pools must not reuse prepared statements of a restarted server.
+            max_inactive_connection_lifetime=60.0,
+        )
+    assert pool is not None
+    return pool
+
+
+def _strip_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {k.replace("\x00", "\ufffd"): _strip_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strip_nul(v) for v in value]
+    return value
+
+
+def pg_json(value: Any) -> str:
+    """JSON text for a JSONB column. JSONB cannot hold U+0000, so NULs become U+FFFD in this
+    operator-facing view only; the exact value stays in the msgpack state."""
+    text = json.dumps(canonical(value), separators=(",", ":"), ensure_ascii=False)
+    if "\\u0000" in text:
+        text = json.dumps(canonical(_strip_nul(value)), separators=(",", ":"), ensure_ascii=False)
+    return text

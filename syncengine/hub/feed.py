@@ -1,0 +1,98 @@
+"""Reading the change feed: what an edge pulls after its cursor.
+
+Feed ids are contiguous and in commit order (see :mod:`syncengine.hub.push`), so a page is
+simply "ids above the cursor, in order", read in one snapshot together with the head. When
+a page is not full, the cursor moves to the head seen in that snapshot: every id at or
+below it had committed (or never existed) when the snapshot was taken, so nothing can
+appear behind the cursor later.
+
+Pulls are per tier (live tiers are long-polled, others fetched on their schedule) and per
+subscribed prefixes; a node's own changes are not sent back to it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import msgpack
+
+from syncengine.clock import HybridClock
+from syncengine.errors import SequenceError
+from syncengine.hub.db import translated
+from syncengine.merge import Change
+from syncengine.protocol import PullPage
+
+__all__ = ["feed_head", "read_page", "rows_to_changes"]
+
+_PAGE_SQL = (
+    "SELECT id, cell, collection, key, node_id, lane, seq, hlc, fields, base FROM feed "
+    "WHERE tier = $1 AND id > $2 AND node_id <> $3 AND EXISTS ("
+    "  SELECT 1 FROM unnest($4::text[]) AS p (prefix) "
+    "  WHERE feed.cell = p.prefix OR starts_with(feed.cell, p.prefix || '/')) "
+    "ORDER BY id LIMIT $5"
+)
+
+
+async def feed_head(pool: asyncpg.Pool) -> int:
+    async with translated("feed head"):
+        head: int = await pool.fetchval("SELECT id FROM feed_head")
+    return head
+
+
+def rows_to_changes(rows: list[Any]) -> tuple[list[int], list[Change]]:
+    ids, changes = [], []
+    for r in rows:
+        ids.append(r["id"])
+        changes.append(
+            Change(
+                cell=r["cell"],
+                collection=r["collection"],
+                key=r["key"],
+                hlc=r["hlc"],
+                node=r["node_id"],
+                fields=None if r["fields"] is None else msgpack.unpackb(r["fields"], raw=False),
+                base={} if r["base"] is None else msgpack.unpackb(r["base"], raw=False),
+                lane=r["lane"],
+                seq=r["seq"],
+            )
+        )
+    return ids, changes
+
+
+async def read_page(
+    pool: asyncpg.Pool,
+    *,
+    node_id: str,
+    tier: int,
+    prefixes: list[str],
+    after: int,
+    limit: int,
+    clock: HybridClock,
+) -> PullPage:
+    """One page of ``tier``'s changes under ``prefixes`` after ``after``, for ``node_id``."""
+    async with (
+        translated("pull"),
+        pool.acquire() as conn,
+        conn.transaction(isolation="repeatable_read", readonly=True),
+    ):
+        head = await conn.fetchval("SELECT id FROM feed_head")
+        if after > head:
+            raise SequenceError(
+                f"pull cursor {after} is ahead of this hub's feed (head {head})",
+                hint="The hub's database was restored or replaced: re-bootstrap the edge "
+                "from a snapshot.",
+                code="cursor_ahead",
+                detail={"cursor": after, "head": head},
+            )
+        rows = await conn.fetch(_PAGE_SQL, tier, after, node_id, prefixes, limit)
+    ids, changes = rows_to_changes(rows)
+    full = len(rows) == limit
+    return PullPage(
+        changes=changes,
+        ids=ids,
+        next_cursor=ids[-1] if full else head,
+        head=head,
+        more=full,
+        hub_hlc=clock.now(),
+    )
