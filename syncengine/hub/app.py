@@ -101,6 +101,9 @@ class Hub:
         app = web.Application(
             middlewares=[self._errors],
             client_max_size=self.config.max_body_bytes,
+            # aiohttp would inflate Content-Encoding bodies itself, with no cap on the
+            # inflated size: a compression bomb. The codec decompresses, within its limits.
+            handler_args={"auto_decompress": False},
         )
         app.add_routes(
             [

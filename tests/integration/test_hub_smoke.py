@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import aiohttp
 import pytest
 
@@ -22,7 +24,6 @@ def change(node: str, seq: int, key: str, fields: dict[str, object] | None, hlc:
 async def test_push_then_pull_round_trip(hub) -> None:  # type: ignore[no-untyped-def]
     token_a = await hub.add_node("node-a", "west/ng/lagos")
     token_b = await hub.add_node("node-b", "west/ng/lagos")
-    import time
     now = (time.time_ns() // 1_000_000) << 16
     batch = PushBatch(node="node-a", lane=2, first_seq=1, last_seq=2, changes=[
         change("node-a", 1, "k1", {"x": 1}, now + 1), change("node-a", 2, "k2", {"y": "é"}, now + 2)])
