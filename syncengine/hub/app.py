@@ -288,6 +288,8 @@ class Hub:
             return web.json_response(
                 {"status": "unavailable", "database": "down", "message": exc.message}, status=503
             )
+        if self.cache.configured:
+            await self.cache.ping()  # through the breaker: at most one probe per cooldown
         cache = "degraded" if self.cache.degraded else "ok"
         return web.json_response(
             {
