@@ -95,7 +95,9 @@ async def store_rate(folder: Path, writers: int, seconds: float) -> dict[str, fl
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dir", type=Path, default=None, help="folder on the disk to measure")
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds per writer count")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
@@ -107,9 +109,13 @@ async def main() -> None:
     if args.json:
         print(json.dumps({"raw_sqlite_inserts_per_s": raw, "results": results}))
         return
-    print(f"file system: {args.dir or tempfile.gettempdir()}   cpus: {os.cpu_count()}   python {sys.version.split()[0]}")
+    print(
+        f"file system: {args.dir or tempfile.gettempdir()}   cpus: {os.cpu_count()}   python {sys.version.split()[0]}"
+    )
     print(f"raw SQLite, 1,000 rows per FULL commit: {raw:,.0f} inserts/s (the limit)")
-    print(f"{'writers':>8} {'puts/s':>10} {'% of raw':>9} {'p50 ms':>8} {'p99 ms':>8} {'writes/commit':>14}")
+    print(
+        f"{'writers':>8} {'puts/s':>10} {'% of raw':>9} {'p50 ms':>8} {'p99 ms':>8} {'writes/commit':>14}"
+    )
     for r in results:
         print(
             f"{r['writers']:>8} {r['puts_per_s']:>10,.0f} {100 * r['puts_per_s'] / raw:>8.1f}% "

@@ -109,12 +109,14 @@ def _check_shape(obj: Any, limits: Limits) -> None:
     )
 
 
-def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
+def decode(data: bytes, limits: Limits = DEFAULT_LIMITS, *, check_shape: bool = True) -> Any:
     """Unpack one msgpack object from ``data`` (already decompressed), enforcing ``limits``.
 
     Raises :class:`DecodeError` for malformed, truncated or trailing bytes, invalid UTF-8,
     extension types and non-string map keys; :class:`LimitExceededError` for sizes past
-    ``limits``.
+    ``limits``. ``check_shape=False`` skips the depth and key-type walk, for callers that
+    validate every key and nesting level of the message themselves (the sync protocol);
+    msgpack's own nesting cap still applies.
     """
     if len(data) > limits.max_decoded_bytes:
         raise LimitExceededError(
@@ -158,7 +160,8 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
         raise DecodeError(f"malformed msgpack: {text or type(exc).__name__}") from None
     except (TypeError, OverflowError, MemoryError) as exc:
         raise DecodeError(f"malformed msgpack: {type(exc).__name__}") from None
-    _check_shape(obj, limits)
+    if check_shape:
+        _check_shape(obj, limits)
     return obj
 
 

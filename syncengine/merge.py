@@ -447,7 +447,7 @@ def validate_fields(
 ) -> dict[str, Any]:
     """Check a put's fields; return them as a dict. Raises :class:`ValidationError` or
     :class:`LimitExceededError` (record larger than ``max_bytes`` once encoded)."""
-    if not isinstance(fields, Mapping):
+    if type(fields) is not dict and not isinstance(fields, Mapping):  # dict: skip the slow ABC
         raise ValidationError(
             f"fields must be a map of field name to value, got {type(fields).__name__}",
             code="invalid_value",

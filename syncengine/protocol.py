@@ -425,5 +425,10 @@ def encode_body(obj: Any, *, allow_zstd: bool = True) -> tuple[bytes, str | None
 
 
 def decode_body(body: bytes, encoding: str | None, limits: Limits = DEFAULT_LIMITS) -> Any:
-    """Undo :func:`encode_body` with every limit of ``limits`` enforced."""
-    return decode(decompress(body, encoding, limits), limits)
+    """Undo :func:`encode_body` with every size limit of ``limits`` enforced.
+
+    The result must go through :func:`decode_push` or :func:`decode_pull_page` (or be
+    checked as strictly): they validate every key, type and nesting level, which makes the
+    codec's generic shape walk redundant here.
+    """
+    return decode(decompress(body, encoding, limits), limits, check_shape=False)

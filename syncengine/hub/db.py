@@ -16,7 +16,6 @@ from typing import Any, Final
 
 import asyncpg
 
-from syncengine.codec import canonical
 from syncengine.errors import HubUnavailableError, StorageError, SyncError
 from syncengine.migrations import migrate_postgres
 from syncengine.resources import data_dir
@@ -105,10 +104,13 @@ def _strip_nul(value: Any) -> Any:
     return value
 
 
+_JSON: Final = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def pg_json(value: Any) -> str:
-    """JSON text for a JSONB column. JSONB cannot hold U+0000, so NULs become U+FFFD in this
-    operator-facing view only; the exact value stays in the msgpack state."""
-    text = json.dumps(canonical(value), separators=(",", ":"), ensure_ascii=False)
+    """JSON text for a JSONB column, keys sorted. JSONB cannot hold U+0000, so NULs become
+    U+FFFD in this operator-facing view only; the exact value stays in the msgpack state."""
+    text = _JSON.encode(value)
     if "\\u0000" in text:
-        text = json.dumps(canonical(_strip_nul(value)), separators=(",", ":"), ensure_ascii=False)
+        text = _JSON.encode(_strip_nul(value))
     return text
