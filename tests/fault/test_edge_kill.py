@@ -68,7 +68,7 @@ def test_kill_minus_9_loses_no_acknowledged_write(tmp_path: Path) -> None:
         deadline = time.monotonic() + rng.uniform(0.02, 2.0)
         buf = bytearray()
 
-        def drain() -> None:
+        def drain(fd: int = fd, buf: bytearray = buf) -> None:
             while True:
                 try:
                     chunk = os.read(fd, 1 << 16)
@@ -112,7 +112,7 @@ def test_two_processes_write_one_file_at_once(tmp_path: Path) -> None:
         for name in ("a", "b")
     ]
     outputs = [c.communicate(timeout=300) for c in children]
-    for child, (out, err) in zip(children, outputs, strict=True):
+    for child, (_out, err) in zip(children, outputs, strict=True):
         assert child.returncode == 0, err
         assert "locked" not in err
     acked = {line for out, _ in outputs for line in out.split() if line != "ready"}

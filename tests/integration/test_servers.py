@@ -12,6 +12,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from support.proxy import ProxyFactory
 from support.servers import RESERVED_PORTS, PostgresServer, RedisServer
 

@@ -3,6 +3,8 @@ next millisecond, far-future stamps are refused and never folded in."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -51,7 +53,7 @@ def test_stamps_strictly_increase_whatever_the_wall_clock_does(steps: list[tuple
 def test_counter_overflow_borrows_the_next_millisecond() -> None:
     clock = HybridClock(wall=FakeWall(1000))
     stamps = [clock.now() for _ in range(65_536 + 10)]
-    assert all(a < b for a, b in zip(stamps, stamps[1:]))
+    assert all(a < b for a, b in itertools.pairwise(stamps))
     assert hlc_millis(stamps[65_535]) == 1000 and hlc_counter(stamps[65_535]) == 65_535
     assert hlc_millis(stamps[65_536]) == 1001 and hlc_counter(stamps[65_536]) == 0
 

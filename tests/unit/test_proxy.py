@@ -10,6 +10,7 @@ import socket
 from collections.abc import AsyncIterator
 
 import pytest
+
 from support.proxy import FaultProxy, ProxyFactory, _Link, _WayFaults
 
 # Generous bound for "this should not block": loopback answers in well under a millisecond.
