@@ -2,9 +2,9 @@
 
 Feed ids are contiguous and in commit order (see :mod:`syncengine.hub.push`), so a page is
 simply "ids above the cursor, in order", read in one snapshot together with the head. When
-a page is not full, the cursor moves to the head seen in that snapshot: every id at or
-below it had committed (or never existed) when the snapshot was taken, so nothing can
-appear behind the cursor later.
+a page is not full, the cursor moves to the end of the id window it scanned (at most the
+head seen in that snapshot): every id at or below the head had committed when the
+snapshot was taken, so nothing can appear behind the cursor later.
 
 Pulls are per tier (live tiers are long-polled, others fetched on their schedule) and per
 subscribed prefixes; a node's own changes are not sent back to it.
@@ -25,9 +25,14 @@ from syncengine.protocol import PullPage
 
 __all__ = ["feed_head", "read_page", "rows_to_changes"]
 
+#: Most feed ids one page examines. Bounds every pull's cost whatever the planner does
+#: and however sparse the node's subscriptions are in the feed: a page that finds fewer
+#: matches than its limit moves the cursor to the end of the window it scanned.
+SCAN_WINDOW = 50_000
+
 _PAGE_SQL = (
     "SELECT id, cell, collection, key, node_id, lane, seq, hlc, fields, base FROM feed "
-    "WHERE tier = $1 AND id > $2 AND node_id <> $3 AND EXISTS ("
+    "WHERE tier = $1 AND id > $2 AND id <= $6 AND node_id <> $3 AND EXISTS ("
     "  SELECT 1 FROM unnest($4::text[]) AS p (prefix) "
     "  WHERE feed.cell = p.prefix OR starts_with(feed.cell, p.prefix || '/')) "
     "ORDER BY id LIMIT $5"
@@ -85,14 +90,15 @@ async def read_page(
                 code="cursor_ahead",
                 detail={"cursor": after, "head": head},
             )
-        rows = await conn.fetch(_PAGE_SQL, tier, after, node_id, prefixes, limit)
+        window_end = min(head, after + SCAN_WINDOW)
+        rows = await conn.fetch(_PAGE_SQL, tier, after, node_id, prefixes, limit, window_end)
     ids, changes = rows_to_changes(rows)
     full = len(rows) == limit
     return PullPage(
         changes=changes,
         ids=ids,
-        next_cursor=ids[-1] if full else head,
+        next_cursor=ids[-1] if full else window_end,
         head=head,
-        more=full,
+        more=full or window_end < head,
         hub_hlc=clock.now(),
     )
