@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	bash tests/support/edge-demo.sh
+	$(VENV)/bin/syncengine demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check syncengine tests benchmarks

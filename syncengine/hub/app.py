@@ -211,6 +211,7 @@ class Hub:
             self.pool,
             node,
             batch,
+            region=self.config.region,
             clock=self.clock,
             tier_rules=self.config.tier_rules,
             resolvers=self.resolvers,

@@ -70,8 +70,9 @@ def check_batch(
     clock: HybridClock,
     resolvers: dict[str, str],
 ) -> None:
-    """Everything that can be decided without the database. Raises a 4xx :class:`SyncError`
-    naming the offending change's seq."""
+    """Everything that can be decided without the database (identity, clock drift, resolver
+    value types). Raises a 4xx :class:`SyncError` naming the offending change's seq. Grants
+    are checked by :func:`apply_push`, against the changes not applied yet."""
     if batch.node != node.node_id:
         raise ForbiddenError(
             f"this token belongs to node {node.node_id!r}, but the batch claims {batch.node!r}",
@@ -81,7 +82,6 @@ def check_batch(
     wall = clock.wall()
     for c in batch.changes:
         try:
-            check_writable(node, region, [c.cell])
             ahead = hlc_millis(c.hlc) - wall
             if ahead > clock.max_drift_ms:
                 raise ClockDriftError(
@@ -103,6 +103,7 @@ async def apply_push(
     node: Node,
     batch: PushBatch,
     *,
+    region: str,
     clock: HybridClock,
     tier_rules: TierRules,
     resolvers: dict[str, str],
@@ -133,6 +134,15 @@ async def apply_push(
                 detail={"lane": batch.lane, "acked": acked, "first": batch.first_seq},
             )
         todo = [c for c in batch.changes if c.seq > acked]
+        # Grants are checked here, on what is not applied yet: a replay of changes applied
+        # before the operator narrowed the grants must answer as the first time did, not
+        # 403 — or the edge would dead-letter changes the hub already holds.
+        for c in todo:
+            try:
+                check_writable(node, region, [c.cell])
+            except SyncError as exc:
+                exc.detail.update(seq=c.seq, lane=batch.lane)
+                raise
         conflicts: list[Conflict] = []
         first_id = last_id = 0
         tiers: set[int] = set()

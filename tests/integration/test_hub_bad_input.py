@@ -84,9 +84,9 @@ CASES: list[tuple[str, Any, dict[str, str], int, str]] = [
     ("backwards seq range", packed(mutate(first=3, last=2)(good_push())), {}, 400, "invalid_value"),
     ("unsupported version", packed(mutate(v=99)(good_push())), {}, 400, "unsupported_version"),
     ("batch over the item limit", packed(good_push(n=1001)), {}, 413, "batch_too_large"),
-    ("cell of another region", packed(good_push(cell="east/ke/nairobi/shop-1")), {}, 403,
+    ("cell of another region", packed(good_push(first=3, cell="east/ke/nairobi/shop-1")), {}, 403,
      "foreign_region"),
-    ("cell outside the grants", packed(good_push(cell="west/gh/accra/school-3")), {}, 403,
+    ("cell outside the grants", packed(good_push(first=3, cell="west/gh/accra/school-3")), {}, 403,
      "not_granted"),
     ("invalid cell id", packed(mutate(cells=["west/NG/../x"])(good_push())), {}, 400, "invalid_cell"),
     ("uppercase region", packed(mutate(cells=["West/ng"])(good_push())), {}, 400, "invalid_cell"),
@@ -212,3 +212,20 @@ async def test_sql_ish_and_odd_text_is_stored_verbatim(seeded) -> None:  # type:
     # JSONB cannot hold NUL: the operator view shows U+FFFD, the state keeps the exact value.
     assert await hub.hub.pool.fetchval("SELECT doc->>'f2' FROM records WHERE key = 'odd'") == "a\ufffdb"
     assert await hub.hub.pool.fetchval("SELECT count(*) FROM records") == 3
+
+
+async def test_replay_after_grants_narrowed_answers_as_the_first_time(seeded) -> None:  # type: ignore[no-untyped-def]
+    """A lost answer, then the operator narrows the grants, then the edge re-sends: the hub
+    must not 403 changes it already holds (the edge would dead-letter them)."""
+    hub, token = seeded
+    await hub.hub.pool.execute("UPDATE nodes SET grants = '{west/gh}' WHERE node_id = 'node-a'")
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{hub.url}/v1/push", data=packed(good_push()),
+                             headers=headers(token, {"Accept": "application/msgpack"})) as resp:
+            assert resp.status == 200
+            assert msgpack.unpackb(await resp.read())["acked"] == 2
+        async with http.post(f"{hub.url}/v1/push", data=packed(good_push(first=3)),
+                             headers=headers(token)) as resp:
+            assert resp.status == 403
+            body = await resp.json()
+            assert body["error"] == "not_granted" and body["detail"]["seq"] == 3

@@ -1,0 +1,1177 @@
+"""The ``syncengine`` command line: the operator's and the shell's way into edges and hubs.
+
+Commands (their names and options are a contract with users, see DESIGN.md)::
+
+    syncengine [--version] [-v/--verbose] COMMAND
+    syncengine edge put    --config edge.toml CELL COLLECTION KEY JSON|-
+    syncengine edge get    --config edge.toml CELL COLLECTION KEY
+    syncengine edge delete --config edge.toml CELL COLLECTION KEY
+    syncengine migrate     --config edge.toml|hub.toml [--status]
+    syncengine hub run          --config hub.toml [--log-format text|json]
+    syncengine hub add-node     NODE_ID --grant PREFIX [--grant PREFIX ...] --config hub.toml
+    syncengine hub rotate-token NODE_ID --config hub.toml
+    syncengine hub revoke       NODE_ID --config hub.toml
+    syncengine hub nodes        --config hub.toml [--json]
+    syncengine status           --config edge.toml|hub.toml [--json]
+
+``--config`` may come from ``SYNCENGINE_CONFIG`` instead. Exit codes: 0 success; 1 a
+:class:`~syncengine.errors.SyncError` (printed as ``error:`` and ``hint:`` lines on stderr), a
+missing record, or a ``status`` warning; 2 a usage error (click's) or a ``status`` that is
+critical (a tier past its promise, the hub's database unreachable).
+
+This module is the only place that prints: results go to stdout (rich tables for people, JSON
+for scripts), diagnostics to stderr through logging. Tokens and passwords are printed only by
+``hub add-node`` and ``hub rotate-token``, which exist to show a token once; configs are
+printed or logged only through their ``redacted()`` form.
+
+Further ``edge`` subcommands (``sync``, ``run``) and ``demo`` hang off :data:`edge` and
+:data:`cli` with the same helpers: :func:`config_option`, :func:`load_edge`, :func:`run`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import os
+import signal
+import socket
+import sqlite3
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import aiosqlite
+import asyncpg
+import click
+import redis.asyncio as aioredis
+from click.decorators import FC
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from syncengine.config import EdgeConfig, HubConfig, load_config, mask_url
+from syncengine.demo import run_demo
+from syncengine.edge import sqlite as edge_sqlite
+from syncengine.edge.link import HubLink
+from syncengine.edge.store import EdgeStore
+from syncengine.edge.sync import Syncer, SyncReport
+from syncengine.errors import ConfigError, MigrationError, StorageError, SyncError, ValidationError
+from syncengine.hub import db as hub_db
+from syncengine.hub import nodes as hub_nodes
+from syncengine.hub.app import run_hub
+from syncengine.migrations import (
+    MigrationStatus,
+    migrate_postgres,
+    migrate_sqlite,
+    status_postgres,
+    status_sqlite,
+)
+from syncengine.regions import load_regions
+from syncengine.resources import data_dir
+from syncengine.tiers import Tier
+
+__all__ = ["STATUS_SCHEMA", "JsonLogFormatter", "cli", "config_option", "edge", "hub", "main"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: Version of the ``status --json`` (and ``hub nodes --json``) document. Bump it when a field
+#: changes meaning or disappears; adding fields keeps the version.
+STATUS_SCHEMA: Final = 1
+#: Exit codes of ``status``.
+EXIT_OK: Final = 0
+EXIT_WARNING: Final = 1
+EXIT_CRITICAL: Final = 2
+#: How many dead letters ``status`` shows (the newest); the count covers all of them.
+STATUS_DEAD_LETTERS: Final = 5
+#: The hub's status opens a small pool: the CLI runs a handful of queries.
+_POOL_MIN: Final = 1
+_POOL_MAX: Final = 2
+_PG_CONNECT_TIMEOUT_S: Final = 5.0
+_REDIS_TIMEOUT_S: Final = 1.0
+_STATES: Final = ("ok", "warning", "critical")
+_STATE_STYLE: Final = {"ok": "green", "warning": "yellow", "critical": "bold red"}
+_EXIT_BY_STATE: Final = {"ok": EXIT_OK, "warning": EXIT_WARNING, "critical": EXIT_CRITICAL}
+
+
+# =============================================================================== output layer
+
+
+def _console() -> Console:
+    # Made per use: under tests sys.stdout is swapped between invocations. soft_wrap: a long
+    # path or URL stays on one line (copy-pasteable); tables still fit the width.
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _echo_json(data: Mapping[str, Any]) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def _report(message: str, hint: str | None = None) -> None:
+    click.echo(f"error: {message}", err=True)
+    if hint:
+        click.echo(f"hint: {hint}", err=True)
+
+
+def _styled(state: str) -> str:
+    return f"[{_STATE_STYLE[state]}]{state}[/]"
+
+
+def _duration(seconds: float | None) -> str:
+    """``75`` → ``1m 15s``, ``86400`` → ``1d``: two units at most, for tables."""
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    for unit, size, sub, sub_size in (
+        ("d", 86_400, "h", 3_600),
+        ("h", 3_600, "m", 60),
+        ("m", 60, "s", 1),
+    ):
+        if s >= size:
+            rest = (s % size) // sub_size
+            return f"{s // size}{unit} {rest}{sub}" if rest else f"{s // size}{unit}"
+    return f"{s}s"
+
+
+def _size(n: int) -> str:
+    """``1536`` → ``1.5 KiB``."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    value, i = float(n), 0
+    while value >= 1024 and i < len(units) - 1:
+        value /= 1024
+        i += 1
+    return f"{n} B" if i == 0 else f"{value:.1f} {units[i]}"
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds")
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+# ==================================================================================== logging
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: ``ts``, ``level``, ``logger``, ``message`` (and ``exc``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+class _TextFormatter(logging.Formatter):
+    """``2024-05-01T10:00:00 INFO syncengine.hub.app: message``; tracebacks only if asked.
+
+    One-shot commands already report their error as ``error:``/``hint:``; a traceback logged
+    on the way (e.g. by the database seam) is noise unless ``-v`` was given.
+    """
+
+    def __init__(self, *, tracebacks: bool) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
+        self._tracebacks = tracebacks
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not self._tracebacks and (record.exc_info or record.exc_text):
+            record = logging.makeLogRecord(record.__dict__)
+            record.exc_info = None
+            record.exc_text = None
+        return super().format(record)
+
+
+class _CliHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The stderr handler this module installs, told apart from anyone else's."""
+
+
+def _configure_logging(
+    ctx: click.Context, *, base: int = logging.WARNING, fmt: str = "text", tracebacks: bool = False
+) -> None:
+    """Log to stderr at ``base`` (each ``-v`` one level lower), until the command ends.
+
+    The handler sits on the root logger so that library warnings (asyncpg, aiohttp) show too;
+    it is removed and the level restored when the command's context closes, so in-process
+    callers (tests, the demo) are left as they were.
+    """
+    verbosity = ctx.find_root().params.get("verbose") or 0
+    level = max(logging.DEBUG, base - 10 * verbosity)
+    handler = _CliHandler(sys.stderr)
+    handler.setFormatter(
+        JsonLogFormatter()
+        if fmt == "json"
+        else _TextFormatter(tracebacks=tracebacks or level <= logging.INFO)
+    )
+    root = logging.getLogger()
+    previous = root.level
+    for old in [h for h in root.handlers if isinstance(h, _CliHandler)]:
+        root.removeHandler(old)  # a subcommand (hub run) reconfigures what the group set
+    root.addHandler(handler)
+    root.setLevel(level)
+
+    def restore() -> None:
+        root.removeHandler(handler)
+        root.setLevel(previous)
+
+    ctx.call_on_close(restore)
+
+
+# ============================================================================= shared helpers
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run one command's coroutine on a fresh event loop."""
+    return asyncio.run(coro)
+
+
+def config_option(help_text: str = "The edge.toml or hub.toml file.") -> Callable[[FC], FC]:
+    """``--config FILE``, required, or ``SYNCENGINE_CONFIG`` from the environment."""
+    return click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar="SYNCENGINE_CONFIG",
+        show_envvar=True,
+        required=True,
+        metavar="FILE",
+        help=help_text,
+    )
+
+
+def _load(path: Path) -> EdgeConfig | HubConfig:
+    config = load_config(path)
+    log.debug("config %s: %s", path, json.dumps(config.redacted(), default=str))
+    return config
+
+
+def load_edge(path: Path, command: str) -> EdgeConfig:
+    """The edge config at ``path``; a hub config is refused naming ``command``."""
+    config = _load(path)
+    if not isinstance(config, EdgeConfig):
+        raise ConfigError(
+            f"{path} is a hub config; `syncengine {command}` needs an edge config",
+            hint="Pass the node's edge.toml with --config (or SYNCENGINE_CONFIG).",
+            detail={"file": str(path)},
+        )
+    return config
+
+
+def load_hub(path: Path, command: str) -> HubConfig:
+    """The hub config at ``path``; an edge config is refused naming ``command``."""
+    config = _load(path)
+    if not isinstance(config, HubConfig):
+        raise ConfigError(
+            f"{path} is an edge config; `syncengine {command}` needs a hub config",
+            hint="Pass the region hub's hub.toml with --config (or SYNCENGINE_CONFIG).",
+            detail={"file": str(path)},
+        )
+    return config
+
+
+def open_store(config: EdgeConfig) -> contextlib.AbstractAsyncContextManager[EdgeStore]:
+    """The node's store, opened (created and migrated if needed) with its config."""
+    return EdgeStore.open(
+        config.db,
+        node_id=config.node_id,
+        region=config.region,
+        tier_rules=config.tier_rules,
+        resolvers=config.resolvers,
+        max_record_bytes=config.max_record_bytes,
+        busy_timeout_ms=config.busy_timeout_ms,
+    )
+
+
+def _require_store_file(config: EdgeConfig) -> None:
+    """Commands that only look must not create a database in the wrong place."""
+    if not config.db.exists():
+        raise StorageError(
+            f"edge database {config.db} does not exist yet",
+            hint="It is created by the first `syncengine edge put` or by "
+            f"`syncengine migrate --config {config.source or 'edge.toml'}`; check `db`.",
+            code="no_store",
+            detail={"path": str(config.db)},
+        )
+
+
+@contextlib.asynccontextmanager
+async def _hub_pool(config: HubConfig) -> AsyncIterator[asyncpg.Pool]:
+    """A small pool on the hub's database, which must be migrated already."""
+    pool = await hub_db.connect_pool(
+        config.database_url, min_size=_POOL_MIN, max_size=_POOL_MAX, migrate=False
+    )
+    try:
+        async with hub_db.translated("schema check"):
+            migrated = await pool.fetchval("SELECT to_regclass('nodes') IS NOT NULL")
+        if not migrated:
+            raise MigrationError(
+                f"the hub database {mask_url(config.database_url)} has no syncengine schema",
+                hint=f"Run `syncengine migrate --config {config.source or 'hub.toml'}` first.",
+                code="not_migrated",
+            )
+        yield pool
+    finally:
+        await pool.close()
+
+
+# ======================================================================== the top-level group
+
+
+def _version() -> str:
+    try:
+        return metadata.version("syncengine")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+class _SyncErrorsToExit(click.Group):
+    """Turns every :class:`SyncError` into ``error:``/``hint:`` on stderr and exit code 1.
+
+    Only the top-level group catches, so the subcommands of every group are covered.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SyncError as exc:
+            _report(exc.message, exc.hint)
+            raise click.exceptions.Exit(1) from None
+
+
+@click.group(cls=_SyncErrorsToExit, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(_version(), "--version", prog_name="syncengine")
+@click.option("-v", "--verbose", count=True, help="Log more to stderr (-v info, -vv debug).")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int) -> None:
+    """Offline-first regional sync engine: SQLite edges, PostgreSQL + Redis region hubs."""
+    _configure_logging(ctx)
+
+
+# ============================================================================= edge commands
+
+
+@cli.group()
+def edge() -> None:
+    """Local reads and writes on an edge node; they work offline."""
+
+
+def _parse_fields(text: str) -> dict[str, Any]:
+    """The JSON object of fields given on the command line (or ``-``: stdin)."""
+    source = "stdin" if text == "-" else "the JSON argument"
+    if text == "-":
+        text = sys.stdin.read()
+    hint = """Pass a JSON object of fields, e.g. '{"temp_c": 38.5, "ward": "B"}'."""
+
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        value = json.loads(text, parse_constant=no_constant)
+    except ValueError as exc:
+        raise ValidationError(
+            f"{source} is not valid JSON: {exc}", hint=hint, code="invalid_json"
+        ) from None
+    if not isinstance(value, dict):
+        raise ValidationError(
+            f"{source} must be a JSON object of fields, got {type(value).__name__}",
+            hint=hint,
+            code="invalid_json",
+        )
+    return value
+
+
+@edge.command("put")
+@config_option("The node's edge.toml.")
+@click.argument("cell")
+@click.argument("collection")
+@click.argument("key")
+@click.argument("json_text", metavar="JSON")
+def edge_put(config_path: Path, cell: str, collection: str, key: str, json_text: str) -> None:
+    """Merge the fields of JSON (an object; `-` reads stdin) into a record; print its hlc.
+
+    The write is on disk when the command returns and is queued for the hub.
+    """
+    config = load_edge(config_path, "edge put")
+    fields = _parse_fields(json_text)  # before opening: bad input writes nothing
+
+    async def put() -> int:
+        async with open_store(config) as store:
+            return await store.put(cell, collection, key, fields)
+
+    click.echo(run(put()))
+
+
+@edge.command("get")
+@config_option("The node's edge.toml.")
+@click.argument("cell")
+@click.argument("collection")
+@click.argument("key")
+@click.pass_context
+def edge_get(ctx: click.Context, config_path: Path, cell: str, collection: str, key: str) -> None:
+    """Print a record's document as JSON; exit 1 when it does not exist."""
+    config = load_edge(config_path, "edge get")
+    _require_store_file(config)  # a mistyped `db` must not become a new, empty store
+
+    async def get() -> dict[str, Any] | None:
+        async with open_store(config) as store:
+            return await store.get(cell, collection, key)
+
+    doc = run(get())
+    if doc is None:
+        _report(
+            f"not found: {cell} {collection} {key}",
+            "Check the cell, collection and key; a deleted record is not found either.",
+        )
+        ctx.exit(1)
+    _echo_json(doc)
+
+
+@edge.command("delete")
+@config_option("The node's edge.toml.")
+@click.argument("cell")
+@click.argument("collection")
+@click.argument("key")
+def edge_delete(config_path: Path, cell: str, collection: str, key: str) -> None:
+    """Delete a record (a tombstone, queued for the hub); print its hlc."""
+    config = load_edge(config_path, "edge delete")
+
+    async def delete() -> int:
+        async with open_store(config) as store:
+            return await store.delete(cell, collection, key)
+
+    click.echo(run(delete()))
+
+
+@edge.command("sync")
+@config_option("The node's edge.toml.")
+@click.option(
+    "--now", is_flag=True, help="Sync off-peak tiers (standard, archive) outside their window."
+)
+@click.option(
+    "--tier",
+    "tiers",
+    multiple=True,
+    type=click.Choice([t.value for t in Tier]),
+    help="Only this tier (repeatable). Default: every tier.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the round's report as JSON.")
+def edge_sync(config_path: Path, now: bool, tiers: tuple[str, ...], as_json: bool) -> None:
+    """One push and pull round with the hub, most important tier first, then exit.
+
+    Tiers whose policy is off-peak only (standard and archive by default) are skipped
+    outside the region's off-peak window unless --now is given. Exit 0 when the tiers
+    handled are caught up, 1 with the reasons when the hub could not be reached or refused.
+    """
+    config = load_edge(config_path, "edge sync")
+    wanted = [Tier(t) for t in tiers] or list(Tier.by_priority())
+    region = load_regions()[config.region]
+    moment = datetime.now(UTC)
+    skipped = [
+        t
+        for t in wanted
+        if config.tier_policies[t].offpeak_only and not now and not region.in_offpeak(moment)
+    ]
+    chosen = [t for t in wanted if t not in skipped]
+    hub_url = config.hub_url or region.hub_url
+    token = config.token
+    if token is None:
+        raise ConfigError(
+            "no token configured for this node",
+            hint="Set token_file (or token) in edge.toml to the token `syncengine hub "
+            "add-node` printed.",
+        )
+
+    async def one_round() -> SyncReport:
+        async with (
+            open_store(config) as store,
+            HubLink(hub_url, token, node_id=config.node_id) as link,
+        ):
+            syncer = Syncer(store, link, subscriptions=config.subscriptions)
+            return await syncer.sync_once(tiers=chosen)
+
+    report = run(one_round()) if chosen else None
+    if as_json:
+        _echo_json(
+            {
+                "schema": 1,
+                "kind": "sync",
+                "caught_up": report.caught_up if report else True,
+                "skipped_offpeak": [t.value for t in skipped],
+                "pushed": {t.value: n for t, n in report.pushed.items()} if report else {},
+                "pulled": {t.value: n for t, n in report.pulled.items()} if report else {},
+                "dead_lettered": report.dead_lettered if report else 0,
+                "errors": [
+                    {
+                        "step": e.step,
+                        "tier": e.tier.value if e.tier else None,
+                        "code": e.code,
+                        "message": e.message,
+                        "retryable": e.retryable,
+                    }
+                    for e in (report.errors if report else ())
+                ],
+                "bytes_sent": report.bytes_sent if report else 0,
+                "bytes_received": report.bytes_received if report else 0,
+            }
+        )
+    else:
+        for t in skipped:
+            click.echo(f"{t.value:>9}: skipped (outside the off-peak window; --now forces it)")
+        if report is not None:
+            for t in chosen:
+                click.echo(
+                    f"{t.value:>9}: pushed {report.pushed.get(t, 0)}, "
+                    f"pulled {report.pulled.get(t, 0)}"
+                )
+            if report.dead_lettered:
+                click.echo(
+                    f"dead-lettered {report.dead_lettered} change(s): see `syncengine status`"
+                )
+            for e in report.errors:
+                where = f"{e.step} {e.tier.value}" if e.tier else e.step
+                _report(f"{where}: {e.message} ({e.code})")
+    if report is not None and not report.caught_up:
+        sys.exit(1)
+
+
+# ================================================================================== migrate
+
+
+Migrated = tuple[list[int], list[MigrationStatus]]
+
+
+async def _migrate_edge(config: EdgeConfig, *, apply: bool) -> Migrated:
+    """Apply (when ``apply``) the edge migrations; return what was applied and the states."""
+    folder = data_dir("migrations") / "edge"
+    if not apply and not config.db.exists():
+        # Nothing applied yet: compare against an empty database without creating the file.
+        async with aiosqlite.connect(":memory:") as memory:
+            return [], await status_sqlite(memory, folder)
+    conn = await edge_sqlite.connect(config.db, busy_timeout_ms=config.busy_timeout_ms)
+    try:
+        applied = await migrate_sqlite(conn, folder) if apply else []
+        return applied, await status_sqlite(conn, folder)
+    except sqlite3.Error as exc:
+        raise edge_sqlite.translate(exc, config.db) from None
+    finally:
+        await conn.close()
+
+
+async def _migrate_hub(config: HubConfig, *, apply: bool) -> Migrated:
+    """Apply (when ``apply``) the hub migrations; return what was applied and the states."""
+    folder = data_dir("migrations") / "hub"
+    async with hub_db.translated("migrate"):
+        conn = await asyncpg.connect(config.database_url, timeout=_PG_CONNECT_TIMEOUT_S)
+        try:
+            applied = await migrate_postgres(conn, folder) if apply else []
+            return applied, await status_postgres(conn, folder)
+        finally:
+            await conn.close()
+
+
+@cli.command()
+@config_option()
+@click.option("--status", "status_only", is_flag=True, help="List migrations; apply nothing.")
+def migrate(config_path: Path, status_only: bool) -> None:
+    """Apply pending schema migrations (or list them with --status).
+
+    An edge config migrates its SQLite file (migrations/edge); a hub config its PostgreSQL
+    database (migrations/hub). Safe to run again, and concurrently with running processes.
+    """
+    config = _load(config_path)
+    if isinstance(config, EdgeConfig):
+        target = str(config.db)
+        applied, statuses = run(_migrate_edge(config, apply=not status_only))
+    else:
+        target = mask_url(config.database_url)
+        applied, statuses = run(_migrate_hub(config, apply=not status_only))
+    console = _console()
+    if status_only:
+        table = Table(title=escape(target), title_justify="left")
+        table.add_column("version", justify="right")
+        table.add_column("name")
+        table.add_column("state")
+        for s in statuses:
+            style = {"applied": "green", "pending": "yellow"}.get(s.state, "red")
+            table.add_row(f"{s.version:04d}", escape(s.name), f"[{style}]{s.state}[/]")
+        console.print(table)
+    elif applied:
+        names = {s.version: s.name for s in statuses}
+        done = ", ".join(f"{v:04d}_{names.get(v, '?')}" for v in applied)
+        console.print(f"{escape(target)}: applied {escape(done)}")
+    else:
+        console.print(f"{escape(target)}: up to date")
+
+
+# ============================================================================== hub commands
+
+
+@cli.command()
+def demo() -> None:
+    """A region hub and three edges on this machine: offline writes, reconnect, a conflict,
+    the status. Starts private PostgreSQL and Redis servers and removes everything after."""
+    run(run_demo())
+
+
+@cli.group()
+def hub() -> None:
+    """The region hub: run it, and manage the edge nodes it serves."""
+
+
+def _sd_notify(state: str) -> None:
+    """Tell systemd (``Type=notify``) about ``state``, e.g. ``READY=1``, if it is listening.
+
+    The protocol is one datagram on the unix socket named by ``NOTIFY_SOCKET``; a leading
+    ``@`` names an abstract socket. Failing to notify is logged, never fatal.
+    """
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address[0] == "@":
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(state.encode())
+    except OSError as exc:
+        log.warning("could not notify systemd (%s): %s", state, exc)
+
+
+async def _serve_hub(config: HubConfig) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down cleanly (the serving task is
+    cancelled, which closes the listener, the pool and the cache)."""
+    loop = asyncio.get_running_loop()
+    stop_signals: list[str] = []
+
+    def ready() -> None:
+        log.info("hub ready")
+        _sd_notify("READY=1")
+
+    serving = asyncio.create_task(run_hub(config, ready=ready), name="syncengine-hub")
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not stop_signals:
+            log.info("received %s; shutting down", sig.name)
+            _sd_notify("STOPPING=1")
+        stop_signals.append(sig.name)
+        serving.cancel()
+
+    handled = (signal.SIGTERM, signal.SIGINT)
+    for sig in handled:
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        await serving
+    except asyncio.CancelledError:
+        # Our own cancellation (not a signal's) must propagate.
+        current = asyncio.current_task()
+        if not stop_signals or (current is not None and current.cancelling()):
+            raise
+    except OSError as exc:
+        if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+            raise ConfigError(
+                f"cannot listen on {config.listen}: {exc.strerror}",
+                hint="Stop the process using that address, or change `listen` in hub.toml.",
+                detail={"key": "listen"},
+            ) from None
+        raise
+    finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+    log.info("hub stopped")
+
+
+@hub.command("run")
+@config_option("The region's hub.toml.")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="stderr log lines as text or as one JSON object per line.",
+)
+@click.pass_context
+def hub_run(ctx: click.Context, config_path: Path, log_format: str) -> None:
+    """Run the region hub until SIGTERM/SIGINT (then exit 0).
+
+    Migrates the database on start. With NOTIFY_SOCKET set (systemd Type=notify) it sends
+    READY=1 once listening and STOPPING=1 on shutdown.
+    """
+    _configure_logging(ctx, base=logging.INFO, fmt=log_format, tracebacks=True)
+    config = load_hub(config_path, "hub run")
+    log.info("starting hub: %s", json.dumps(config.redacted(), default=str))
+    try:
+        run(_serve_hub(config))
+    except SyncError as exc:
+        # Also as a log line, for whoever reads the service's log (journald, JSON shippers).
+        log.error("hub stopped: %s (hint: %s)", exc.message, exc.hint)
+        raise
+
+
+@hub.command("add-node")
+@click.argument("node_id")
+@click.option(
+    "--grant",
+    "grants",
+    multiple=True,
+    required=True,
+    metavar="PREFIX",
+    help="A cell prefix the node may read and write; repeat for more.",
+)
+@config_option("The region's hub.toml.")
+def hub_add_node(node_id: str, grants: tuple[str, ...], config_path: Path) -> None:
+    """Register an edge node and print its token, once.
+
+    Only the token's hash is stored. When stdout is not a terminal, the token is printed
+    alone on one line, so that a script can capture it.
+    """
+    config = load_hub(config_path, "hub add-node")
+
+    async def add() -> str:
+        async with _hub_pool(config) as pool:
+            return await hub_nodes.add_node(pool, config.region, node_id, list(grants))
+
+    _show_token(run(add()), f"Node {node_id} registered with grants {', '.join(grants)}.")
+
+
+@hub.command("rotate-token")
+@click.argument("node_id")
+@config_option("The region's hub.toml.")
+def hub_rotate_token(node_id: str, config_path: Path) -> None:
+    """Issue a new token for a node and print it; the old token stops working at once."""
+    config = load_hub(config_path, "hub rotate-token")
+
+    async def rotate() -> str:
+        async with _hub_pool(config) as pool:
+            return await hub_nodes.rotate_token(pool, node_id)
+
+    _show_token(run(rotate()), f"Node {node_id} has a new token; the old one no longer works.")
+
+
+def _show_token(token: str, what: str) -> None:
+    if not sys.stdout.isatty():
+        click.echo(token)
+        return
+    click.echo(f"{what}\nIts token, shown only this once (the hub keeps just a hash):\n")
+    click.echo(f"    {token}\n")
+    click.echo(
+        "Write it into the node's token_file (e.g. /etc/syncengine/token, mode 0600, owned by "
+        "the daemon's user)."
+    )
+
+
+@hub.command("revoke")
+@click.argument("node_id")
+@config_option("The region's hub.toml.")
+def hub_revoke(node_id: str, config_path: Path) -> None:
+    """Revoke a node's token: its next request is refused (401)."""
+    config = load_hub(config_path, "hub revoke")
+
+    async def revoke() -> None:
+        async with _hub_pool(config) as pool:
+            await hub_nodes.revoke_node(pool, node_id)
+
+    run(revoke())
+    click.echo(f"revoked {node_id}")
+
+
+@hub.command("nodes")
+@config_option("The region's hub.toml.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def hub_list_nodes(config_path: Path, as_json: bool) -> None:
+    """List the registered nodes with their grants, last contact and state.
+
+    \b
+    --json prints {"schema": 1, "kind": "nodes", "region": str, "nodes": [
+      {"node_id": str, "region": str, "grants": [str], "last_seen": ISO 8601 | null,
+       "revoked": bool}]}
+    """
+    config = load_hub(config_path, "hub nodes")
+
+    async def listing() -> list[hub_nodes.Node]:
+        async with _hub_pool(config) as pool:
+            return await hub_nodes.list_nodes(pool)
+
+    found = run(listing())
+    if as_json:
+        _echo_json(
+            {
+                "schema": STATUS_SCHEMA,
+                "kind": "nodes",
+                "region": config.region,
+                "nodes": [
+                    {
+                        "node_id": n.node_id,
+                        "region": n.region,
+                        "grants": list(n.grants),
+                        "last_seen": n.last_seen.isoformat() if n.last_seen else None,
+                        "revoked": n.revoked,
+                    }
+                    for n in found
+                ],
+            }
+        )
+        return
+    table = Table(title=f"nodes of region {config.region}", title_justify="left")
+    table.add_column("node", no_wrap=True)
+    table.add_column("grants")
+    table.add_column("last seen (UTC)", no_wrap=True)
+    table.add_column("state")
+    for n in found:
+        table.add_row(
+            escape(n.node_id),
+            escape("\n".join(n.grants)),
+            _short_time(n.last_seen.isoformat() if n.last_seen else None),
+            "[red]revoked[/]" if n.revoked else "[green]active[/]",
+        )
+    _console().print(table)
+
+
+# ==================================================================================== status
+
+
+def tier_state(age_s: float | None, promise_s: int, dead_letters: int) -> str:
+    """``critical`` once the oldest pending change is older than the tier's promise;
+    ``warning`` past half the promise or with dead letters; else ``ok``."""
+    if age_s is not None and age_s > promise_s:
+        return "critical"
+    if (age_s is not None and age_s > promise_s / 2) or dead_letters:
+        return "warning"
+    return "ok"
+
+
+def _worst(states: Sequence[str]) -> str:
+    return max(states, key=_STATES.index, default="ok")
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+async def edge_status(config: EdgeConfig) -> dict[str, Any]:
+    """The edge's ``status --json`` document (see :func:`status`)."""
+    _require_store_file(config)
+    async with open_store(config) as store:
+        lanes = await store.outbox.status()
+        dead = await store.outbox.dead_letters()
+        cursors = {tier: await store.cursor(f"pull:{tier}") for tier in Tier.by_priority()}
+    now_ms = time.time_ns() // 1_000_000
+    tiers: list[dict[str, Any]] = []
+    for lane in lanes:
+        promise_s = config.tier_policies[lane.tier].promise_s
+        age_s = (
+            None
+            if lane.oldest_created_at_ms is None
+            else max(0.0, (now_ms - lane.oldest_created_at_ms) / 1000)
+        )
+        tiers.append(
+            {
+                "tier": lane.tier.value,
+                "state": tier_state(age_s, promise_s, lane.dead_letters),
+                "depth": lane.depth,
+                "bytes_pending": lane.bytes_pending,
+                "oldest_pending_age_s": None if age_s is None else round(age_s, 3),
+                "promise_s": promise_s,
+                "acked_seq": lane.acked_seq,
+                "next_seq": lane.next_seq,
+                "dead_letters": lane.dead_letters,
+                "pull_cursor": cursors[lane.tier],
+            }
+        )
+    wal = config.db.with_name(config.db.name + "-wal")
+    return {
+        "schema": STATUS_SCHEMA,
+        "kind": "edge",
+        "generated_at": _now_iso(),
+        "state": _worst([t["state"] for t in tiers]),
+        "node_id": config.node_id,
+        "region": config.region,
+        "hub_url": mask_url(config.hub_url),
+        "db": {
+            "path": str(config.db),
+            "bytes": _file_size(config.db),
+            "wal_bytes": _file_size(wal),
+        },
+        "tiers": tiers,
+        "dead_letters": {
+            "count": len(dead),
+            "latest": [
+                {
+                    "tier": Tier.from_priority(d.lane).value,
+                    "seq": d.seq,
+                    "cell": d.cell,
+                    "collection": d.collection,
+                    "key": d.key,
+                    "code": d.code,
+                    "message": d.message,
+                    "dead_at": _iso(d.dead_at_ms),
+                }
+                for d in reversed(dead[-STATUS_DEAD_LETTERS:])
+            ],
+        },
+    }
+
+
+_HUB_NODES_SQL: Final = (
+    "SELECT n.node_id, n.region, n.grants, n.last_seen, n.revoked_at IS NOT NULL AS revoked, "
+    "coalesce(jsonb_object_agg(l.lane, l.acked_seq) FILTER (WHERE l.lane IS NOT NULL), '{}') "
+    "AS acked FROM nodes n LEFT JOIN node_lanes l USING (node_id) "
+    "GROUP BY n.node_id ORDER BY n.node_id"
+)
+
+
+async def _hub_database(config: HubConfig) -> dict[str, Any]:
+    """Feed head, conflicts and nodes as :meth:`Hub.status` reports them, read directly from
+    PostgreSQL; ``database.reachable`` false (and an ``error``) when that fails."""
+    database: dict[str, Any] = {
+        "url": mask_url(config.database_url),
+        "reachable": False,
+        "migrated": False,
+        "error": None,
+        "hint": None,
+    }
+    out: dict[str, Any] = {"database": database, "feed_head": None, "conflicts": None, "nodes": []}
+    try:
+        pool = await hub_db.connect_pool(
+            config.database_url, min_size=_POOL_MIN, max_size=_POOL_MAX, migrate=False
+        )
+    except SyncError as exc:
+        database.update(error=exc.message, hint=exc.hint)
+        return out
+    try:
+        async with hub_db.translated("status"):
+            database["reachable"] = True
+            if not await pool.fetchval("SELECT to_regclass('feed_head') IS NOT NULL"):
+                database.update(
+                    error="the database has no syncengine schema",
+                    hint=f"Run `syncengine migrate --config {config.source or 'hub.toml'}`.",
+                )
+                return out
+            database["migrated"] = True
+            out["feed_head"] = await pool.fetchval("SELECT id FROM feed_head")
+            out["conflicts"] = await pool.fetchval("SELECT count(*) FROM conflicts")
+            rows = await pool.fetch(_HUB_NODES_SQL)
+    except SyncError as exc:
+        database.update(error=exc.message, hint=exc.hint)
+        return out
+    finally:
+        await pool.close()
+    for r in rows:
+        acked = {int(lane): seq for lane, seq in json.loads(r["acked"]).items()}
+        out["nodes"].append(
+            {
+                "node_id": r["node_id"],
+                "region": r["region"],
+                "grants": list(r["grants"]),
+                "last_seen": r["last_seen"].isoformat() if r["last_seen"] else None,
+                "revoked": r["revoked"],
+                "acked_seq": {t.value: acked.get(t.priority, 0) for t in Tier.by_priority()},
+            }
+        )
+    return out
+
+
+async def _hub_cache(config: HubConfig) -> dict[str, Any]:
+    """One PING, as the hub's ``/readyz`` does; Redis down only degrades a hub."""
+    if config.redis_url is None:
+        return {"url": None, "configured": False, "state": "not_configured", "error": None}
+    out: dict[str, Any] = {"url": mask_url(config.redis_url), "configured": True}
+    # No retries: one bounded attempt is the answer a status needs.
+    client = aioredis.Redis.from_url(
+        config.redis_url,
+        socket_timeout=_REDIS_TIMEOUT_S,
+        socket_connect_timeout=_REDIS_TIMEOUT_S,
+        retry=Retry(NoBackoff(), 0),
+    )
+    try:
+        await asyncio.wait_for(client.ping(), timeout=2 * _REDIS_TIMEOUT_S)
+    except (RedisError, OSError, TimeoutError) as exc:
+        out.update(state="degraded", error=f"{type(exc).__name__}: {exc}")
+    else:
+        out.update(state="ok", error=None)
+    finally:
+        with contextlib.suppress(RedisError, OSError):
+            await client.aclose()
+    return out
+
+
+async def hub_status(config: HubConfig) -> dict[str, Any]:
+    """The hub's ``status --json`` document (see :func:`status`)."""
+    found = await _hub_database(config)
+    cache = await _hub_cache(config)
+    usable = found["database"]["reachable"] and found["database"]["migrated"]
+    return {
+        "schema": STATUS_SCHEMA,
+        "kind": "hub",
+        "generated_at": _now_iso(),
+        "state": "ok" if usable else "critical",
+        "region": config.region,
+        "listen": config.listen,
+        **found,
+        "cache": cache,
+    }
+
+
+def _render_edge(data: Mapping[str, Any]) -> None:
+    console = _console()
+    db = data["db"]
+    console.print(
+        f"[bold]edge {escape(data['node_id'])}[/] · region {data['region']} · "
+        f"state {_styled(data['state'])}"
+    )
+    console.print(f"hub      {escape(data['hub_url'] or 'not configured (offline only)')}")
+    console.print(
+        f"database {escape(db['path'])} · {_size(db['bytes'])} + WAL {_size(db['wal_bytes'])}"
+    )
+    table = Table(title="outbox per tier", title_justify="left")
+    for column in ("tier", "state", "pending", "bytes", "oldest", "promise", "pull cursor", "dead"):
+        table.add_column(column, justify="left" if column in ("tier", "state") else "right")
+    for t in data["tiers"]:
+        table.add_row(
+            t["tier"],
+            _styled(t["state"]),
+            str(t["depth"]),
+            _size(t["bytes_pending"]),
+            _duration(t["oldest_pending_age_s"]),
+            _duration(t["promise_s"]),
+            str(t["pull_cursor"]),
+            str(t["dead_letters"]),
+        )
+    console.print(table)
+    dead = data["dead_letters"]
+    if dead["count"]:
+        shown = len(dead["latest"])
+        table = Table(title=f"dead letters: {dead['count']} (latest {shown})", title_justify="left")
+        for column in ("when", "tier", "seq", "record", "code", "message"):
+            table.add_column(column)
+        for d in dead["latest"]:
+            table.add_row(
+                d["dead_at"],
+                d["tier"],
+                str(d["seq"]),
+                escape(f"{d['cell']} {d['collection']} {d['key']}"),
+                escape(d["code"]),
+                escape(d["message"]),
+            )
+        console.print(table)
+
+
+def _render_hub(data: Mapping[str, Any]) -> None:
+    console = _console()
+    database, cache = data["database"], data["cache"]
+    console.print(
+        f"[bold]hub of region {data['region']}[/] · listen {escape(data['listen'])} · "
+        f"state {_styled(data['state'])}"
+    )
+    db_state = "[green]ok[/]" if database["migrated"] else "[bold red]unusable[/]"
+    console.print(f"database {escape(database['url'])} · {db_state}")
+    if database["error"]:
+        console.print(f"  error: {escape(database['error'])}")
+        if database["hint"]:
+            console.print(f"  hint: {escape(database['hint'])}")
+    cache_style = {"ok": "green", "degraded": "yellow"}.get(cache["state"], "dim")
+    console.print(f"cache    {escape(cache['url'] or '-')} · [{cache_style}]{cache['state']}[/]")
+    if not database["migrated"]:
+        return
+    console.print(f"feed head {data['feed_head']} · conflicts logged {data['conflicts']}")
+    table = Table(
+        title="nodes",
+        title_justify="left",
+        caption="acked seq: the highest seq applied per tier, critical/important/standard/archive",
+        caption_justify="left",
+    )
+    table.add_column("node", no_wrap=True)
+    table.add_column("last seen (UTC)", no_wrap=True)
+    table.add_column("state")
+    table.add_column("acked seq", no_wrap=True)
+    for n in data["nodes"]:
+        table.add_row(
+            escape(n["node_id"]),
+            _short_time(n["last_seen"]),
+            "[red]revoked[/]" if n["revoked"] else "[green]active[/]",
+            "/".join(str(n["acked_seq"][t.value]) for t in Tier.by_priority()),
+        )
+    console.print(table)
+
+
+def _short_time(iso: str | None) -> str:
+    """An ISO 8601 time as ``2024-05-01 10:00`` UTC for tables; ``never`` for None."""
+    if iso is None:
+        return "never"
+    return datetime.fromisoformat(iso).astimezone(UTC).strftime("%Y-%m-%d %H:%M")
+
+
+@cli.command()
+@config_option()
+@click.option("--json", "as_json", is_flag=True, help="Print the versioned JSON document.")
+@click.pass_context
+def status(ctx: click.Context, config_path: Path, as_json: bool) -> None:
+    """Sync status of an edge node or a region hub; exit 0 ok, 1 warning, 2 critical.
+
+    An edge is critical when a tier's oldest pending change is older than the tier's
+    promise, warning past half of it or with dead letters. A hub is critical when its
+    database is unreachable or not migrated.
+
+    \b
+    --json prints one object; "schema" is 1 (it changes only when a field changes
+    meaning or goes away; new fields may appear). Times are ISO 8601 UTC, ages seconds.
+    \b
+    Both kinds:
+      schema 1 | kind "edge"|"hub" | generated_at | state "ok"|"warning"|"critical"
+    \b
+    kind "edge":
+      node_id, region, hub_url (configured value, password masked, or null)
+      db: {path, bytes, wal_bytes}
+      tiers: one per tier, critical first: {tier, state, depth (pending changes),
+        bytes_pending, oldest_pending_age_s (null when empty), promise_s, acked_seq,
+        next_seq, dead_letters, pull_cursor}
+      dead_letters: {count, latest: newest first, at most 5: {tier, seq, cell,
+        collection, key, code, message, dead_at}}
+    \b
+    kind "hub":
+      region, listen
+      database: {url (masked), reachable, migrated, error, hint}
+      feed_head, conflicts (null when the database is unusable)
+      nodes: [{node_id, region, grants, last_seen, revoked,
+        acked_seq: {critical, important, standard, archive}}]
+      cache: {url (masked) | null, configured,
+        state "ok"|"degraded"|"not_configured", error}
+    """
+    config = _load(config_path)
+    if isinstance(config, EdgeConfig):
+        data = run(edge_status(config))
+        render: Callable[[Mapping[str, Any]], None] = _render_edge
+    else:
+        data = run(hub_status(config))
+        render = _render_hub
+    if as_json:
+        _echo_json(data)
+    else:
+        render(data)
+    ctx.exit(_EXIT_BY_STATE[data["state"]])
+
+
+# ================================================================================ entry point
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The ``syncengine`` console script (and ``python -m syncengine``)."""
+    cli.main(args=list(argv) if argv is not None else None, prog_name="syncengine")

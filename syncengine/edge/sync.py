@@ -1,0 +1,723 @@
+"""Sync rounds: push the outbox to the hub, pull the change feed back, and their policies.
+
+One round (:meth:`Syncer.sync_once`) learns the hub's config (tier rules and resolvers: the
+hub is the authority), pushes every lane most important first, then pulls every tier. The
+scheduler decides when rounds run; this module decides what one round does when the link
+is bad or the hub says no:
+
+- **Transient failures** (:class:`RetryableError`: no link, timeouts, 5xx; or a garbled 2xx
+  answer) shrink the batch (:class:`BatchSizer`) and are retried after a pause
+  (:class:`Backoff`: exponential, full jitter), a bounded number of times per round; then
+  the error goes to the caller. Nothing is lost: rows leave the outbox only after the hub's
+  answer, and the hub's dedup makes a re-sent batch a no-op.
+- **Final rejections** (4xx) of data: a change the hub names (``detail["seq"]``) is moved to
+  the dead letters and the rest of the lane goes on (invariant 9); a rejection naming no
+  change is bisected — the batch is halved until the culprit is alone, then dead-lettered.
+- **Rejections of the node, not the data** are never dead-lettered, since every change would
+  follow: a wrong token (401), a seq gap (409: the hub misses seqs this store no longer
+  has; needs an operator), a token of another node, a protocol version the hub does not
+  speak. They stop the lane and go to the caller.
+
+Logging stays calm on a flapping link: the first transient failure of a streak is a warning,
+retries are debug, the recovery is one info line. A step the hub refuses for good is a
+warning when it starts failing (or fails for a new reason) and an info line when it works
+again, not a line every round in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Final, Literal
+
+from syncengine import crashpoints
+from syncengine.cells import parse_prefix
+from syncengine.clock import hlc_millis
+from syncengine.edge.link import INVALID_RESPONSE, HubLink
+from syncengine.edge.outbox import OutboxBatch
+from syncengine.edge.store import EdgeStore
+from syncengine.errors import (
+    AuthenticationError,
+    ClockDriftError,
+    DecodeError,
+    InvalidInputError,
+    PermissionDeniedError,
+    RetryableError,
+    SequenceError,
+    SyncError,
+    ValidationError,
+)
+from syncengine.merge import RESOLVERS
+from syncengine.protocol import DEFAULT_MAX_BATCH_CHANGES
+from syncengine.tiers import Tier, TierRules
+
+__all__ = [
+    "DEFAULT_ATTEMPTS",
+    "DEFAULT_BACKOFF_BASE_S",
+    "DEFAULT_BACKOFF_CAP_S",
+    "DEFAULT_PULL_PAGE",
+    "DEFAULT_START_BATCH",
+    "MAX_PULL_LIMIT",
+    "Backoff",
+    "BatchSizer",
+    "RoundError",
+    "StepName",
+    "SyncReport",
+    "Syncer",
+    "is_transient",
+    "rejects_node",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BACKOFF_BASE_S: Final = 0.5
+DEFAULT_BACKOFF_CAP_S: Final = 60.0
+#: First batch size on a link we know nothing about: small enough for 2G, grows by doubling.
+DEFAULT_START_BATCH: Final = 250
+#: Tries of one request within a round before its error goes to the caller.
+DEFAULT_ATTEMPTS: Final = 4
+#: The hub's cap on a pull page (``limit``); larger asks are refused with 400.
+MAX_PULL_LIMIT: Final = 5000
+#: First pull page size; like push batches it halves on failures and doubles on full pages.
+DEFAULT_PULL_PAGE: Final = 1000
+
+#: 4xx codes that reject the node or the request as a whole, never one change: dead-lettering
+#: for them would empty the outbox into the dead letters.
+_NODE_LEVEL_CODES: Final = frozenset({"node_mismatch", "unsupported_version", "invalid_node_id"})
+
+
+# -- policies (pure) --------------------------------------------------------------------------
+
+
+class Backoff:
+    """The retry policy: exponential backoff with full jitter.
+
+    The pause before retry ``n`` (0-based) is uniform in ``[0, min(cap_s, base_s * 2**n)]``:
+    full jitter spreads the retries of many edges that lost the hub at the same moment, so
+    they do not come back in lockstep. ``rng`` is injectable (seeded in tests).
+
+    Two ways to use it: :meth:`delay` for a caller that counts its own attempts, or the
+    stateful :meth:`next_delay` / :meth:`reset` for consecutive failures across calls.
+    """
+
+    __slots__ = ("attempt", "base_s", "cap_s", "rng")
+
+    def __init__(
+        self,
+        *,
+        base_s: float = DEFAULT_BACKOFF_BASE_S,
+        cap_s: float = DEFAULT_BACKOFF_CAP_S,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not 0 < base_s <= cap_s:
+            raise ValueError(f"need 0 < base_s <= cap_s, got base_s={base_s!r} cap_s={cap_s!r}")
+        self.base_s = base_s
+        self.cap_s = cap_s
+        self.rng = rng if rng is not None else random.Random()
+        #: Consecutive failures counted by :meth:`next_delay` since the last :meth:`reset`.
+        self.attempt = 0
+
+    def ceiling(self, attempt: int) -> float:
+        """The longest pause before retry ``attempt``: ``min(cap_s, base_s * 2**attempt)``."""
+        if attempt < 0:
+            raise ValueError(f"attempt must be >= 0, not {attempt!r}")
+        # Past 2**64 the product only overflows; the cap was reached long before.
+        return self.cap_s if attempt >= 64 else min(self.cap_s, self.base_s * 2.0**attempt)
+
+    def delay(self, attempt: int) -> float:
+        """A pause before retry ``attempt``, drawn uniformly from ``[0, ceiling(attempt)]``."""
+        return self.rng.uniform(0.0, self.ceiling(attempt))
+
+    def next_delay(self) -> float:
+        """The pause after one more consecutive failure."""
+        pause = self.delay(self.attempt)
+        self.attempt += 1
+        return pause
+
+    def reset(self) -> None:
+        """A success: the next failure starts from the shortest pauses again."""
+        self.attempt = 0
+
+
+class BatchSizer:
+    """How many changes to put in the next batch: adapts to what the link carries.
+
+    Starts at ``start``; :meth:`failure` halves it (down to 1), :meth:`success` doubles it (up
+    to ``ceiling``, the hub's ``max_batch_changes``). Multiplicative both ways: a link that got
+    worse is found in a few requests, and one that got better is used again just as fast.
+    """
+
+    __slots__ = ("_ceiling", "_size")
+
+    def __init__(
+        self, *, start: int = DEFAULT_START_BATCH, ceiling: int = DEFAULT_MAX_BATCH_CHANGES
+    ) -> None:
+        if ceiling < 1 or start < 1:
+            raise ValueError(f"start and ceiling must be >= 1, got {start!r}, {ceiling!r}")
+        self._ceiling = ceiling
+        self._size = min(start, ceiling)
+
+    @property
+    def size(self) -> int:
+        """The current batch size, in ``1..ceiling``."""
+        return self._size
+
+    @property
+    def ceiling(self) -> int:
+        return self._ceiling
+
+    @ceiling.setter
+    def ceiling(self, value: int) -> None:
+        """Learnt from the hub; the size is clamped to it at once."""
+        if value < 1:
+            raise ValueError(f"ceiling must be >= 1, not {value!r}")
+        self._ceiling = value
+        self._size = min(self._size, value)
+
+    def success(self, used: int | None = None) -> int:
+        """A batch went through: double the size, unless the batch of ``used`` changes did
+        not fill the current size (then it proved nothing about a bigger one). Returns the
+        new size."""
+        if used is None or used >= self._size:
+            self._size = min(self._ceiling, self._size * 2)
+        return self._size
+
+    def failure(self) -> int:
+        """A batch failed or timed out: halve the size (not below 1). Returns the new size."""
+        self._size = max(1, self._size // 2)
+        return self._size
+
+
+def is_transient(exc: SyncError) -> bool:
+    """Whether retrying the same request later can succeed: :class:`RetryableError`, or a 2xx
+    answer that could not be read (the request may have landed; a replay is harmless)."""
+    return isinstance(exc, RetryableError) or (
+        isinstance(exc, DecodeError) and exc.code == INVALID_RESPONSE
+    )
+
+
+def rejects_node(exc: SyncError) -> bool:
+    """Whether a final error refuses the node or the whole request rather than any one
+    change: such errors are never dead-lettered (every change would be)."""
+    return isinstance(exc, AuthenticationError | SequenceError) or exc.code in _NODE_LEVEL_CODES
+
+
+def _names_seq(exc: SyncError, batch: OutboxBatch) -> int | None:
+    """The seq of a change of ``batch`` the error blames, if it blames one of them."""
+    seq = exc.detail.get("seq")
+    lane = exc.detail.get("lane", batch.lane)
+    if isinstance(seq, bool) or not isinstance(seq, int) or lane != batch.lane:
+        return None
+    return seq if any(c.seq == seq for c in batch.changes) else None
+
+
+# -- results ----------------------------------------------------------------------------------
+
+
+StepName = Literal["config", "push", "pull"]
+_Step = tuple[StepName, Tier | None]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RoundError:
+    """A step of a round that failed: ``step`` is ``config``, ``push`` or ``pull``; ``tier``
+    is ``None`` for ``config``. ``code`` is the error's stable wire code."""
+
+    step: StepName
+    tier: Tier | None
+    code: str
+    message: str
+    #: True when the step failed for a transient reason (link down, hub 5xx).
+    retryable: bool
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SyncReport:
+    """What one :meth:`Syncer.sync_once` did.
+
+    ``pushed``/``pulled``: changes acknowledged by the hub / applied locally, per tier handled.
+    ``dead_lettered``: changes moved to the dead letters in this round. ``caught_up``: no
+    errors, and the outbox lanes of the tiers handled were empty at the end.
+    """
+
+    pushed: Mapping[Tier, int]
+    pulled: Mapping[Tier, int]
+    dead_lettered: int
+    errors: tuple[RoundError, ...]
+    caught_up: bool
+    bytes_sent: int
+    bytes_received: int
+    duration_s: float
+
+
+@dataclass(slots=True)
+class _Tally:
+    """Counts of one call, kept even when the call ends in an error."""
+
+    pushed: dict[Tier, int] = field(default_factory=lambda: dict.fromkeys(Tier, 0))
+    pulled: dict[Tier, int] = field(default_factory=lambda: dict.fromkeys(Tier, 0))
+    dead_lettered: int = 0
+
+
+# -- the syncer -------------------------------------------------------------------------------
+
+
+class Syncer:
+    """Push and pull for one edge store over one link.
+
+    ``subscriptions`` are the cell prefixes pulled (validated here; none means no pulls).
+    ``sizer`` sizes push batches, ``pull_sizer`` pull pages; ``backoff`` spaces retries;
+    ``attempts`` bounds the tries of one request per call; ``sleep`` is injectable for tests.
+    Within a call, retries pause ``backoff.delay(n)``; across calls, a scheduler may space
+    failed rounds with ``backoff.next_delay()``, which every success resets.
+
+    Calls on one lane (push) or one tier (pull) are serialized by a lock each; different
+    lanes and tiers run concurrently. The store and the link belong to the caller.
+    """
+
+    def __init__(
+        self,
+        store: EdgeStore,
+        link: HubLink,
+        *,
+        subscriptions: Sequence[str],
+        sizer: BatchSizer | None = None,
+        pull_sizer: BatchSizer | None = None,
+        backoff: Backoff | None = None,
+        attempts: int = DEFAULT_ATTEMPTS,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        if attempts < 1:
+            raise ValueError(f"attempts must be >= 1, not {attempts!r}")
+        self.store = store
+        self.link = link
+        self.subscriptions = tuple(dict.fromkeys(parse_prefix(p) for p in subscriptions))
+        self.sizer = sizer if sizer is not None else BatchSizer()
+        self.pull_sizer = (
+            pull_sizer
+            if pull_sizer is not None
+            else BatchSizer(start=DEFAULT_PULL_PAGE, ceiling=MAX_PULL_LIMIT)
+        )
+        self.backoff = backoff if backoff is not None else Backoff()
+        self.attempts = attempts
+        self._sleep = sleep
+        self._push_locks = {t.priority: asyncio.Lock() for t in Tier}
+        self._pull_locks = {t: asyncio.Lock() for t in Tier}
+        self._failures = 0  # consecutive transient failures: what calms the logs
+        self._fold_warned = False
+        self._step_errors: dict[_Step, str] = {}  # final error code of each failing step
+        self._drift_warned = False
+
+    # -- config -------------------------------------------------------------------------------
+
+    async def learn_config(self) -> None:
+        """Fetch the hub's config and adopt it: tier rules and resolvers are saved in the
+        store (the hub is their authority), ``max_batch_changes`` caps the batch size, and
+        the hub's clock is folded into ours.
+
+        Raises the link's errors, and :class:`DecodeError` (:data:`INVALID_RESPONSE`) for a
+        config that does not parse — nothing is adopted then.
+        """
+        cfg = await self.link.config()
+        try:
+            rules = TierRules.from_wire(cfg.get("tier_rules"))
+            resolvers = _resolvers(cfg.get("resolvers", {}))
+        except SyncError as exc:
+            raise DecodeError(
+                f"hub config is invalid: {exc.message}",
+                code=INVALID_RESPONSE,
+                detail={"cause": exc.code},
+            ) from None
+        if rules != self.store.tier_rules or resolvers != self.store.resolvers:
+            await self.store.save_learnt_rules(rules, resolvers)
+            log.info(
+                "node %s: adopted the hub's config: %d tier rules, resolvers %s",
+                self.store.node_id,
+                len(rules),
+                resolvers or "{}",
+            )
+        max_batch = cfg.get("max_batch_changes")
+        if isinstance(max_batch, int) and not isinstance(max_batch, bool) and max_batch >= 1:
+            self.sizer.ceiling = max_batch
+        hub_hlc = cfg.get("hub_hlc")
+        if isinstance(hub_hlc, int) and not isinstance(hub_hlc, bool) and hub_hlc > 0:
+            self._fold(hub_hlc)
+            self._check_drift(hub_hlc, cfg.get("max_clock_drift_ms"))
+
+    def _check_drift(self, hub_hlc: int, max_drift_ms: object) -> None:
+        """Say once, before the rejections pile up, that this node's clock runs ahead."""
+        if self._drift_warned or not isinstance(max_drift_ms, int):
+            return
+        clock = self.store.clock
+        ahead_ms = max(clock.wall(), hlc_millis(clock.last)) - hlc_millis(hub_hlc)
+        if ahead_ms > max_drift_ms:
+            self._drift_warned = True
+            log.warning(
+                "node %s: this clock is %.0f s ahead of the hub's (allowed %.0f s); the hub "
+                "refuses such writes (clock_drift) and they go to the dead letters. "
+                "Set the clock (enable NTP).",
+                self.store.node_id,
+                ahead_ms / 1000,
+                max_drift_ms / 1000,
+            )
+
+    # -- push ---------------------------------------------------------------------------------
+
+    async def push_lane(self, lane: int) -> int:
+        """Push one lane's outbox until it holds nothing that was queued when the call began;
+        return how many changes the hub acknowledged.
+
+        Changes the hub rejects for good are dead-lettered and do not stop the lane. Raises
+        a transient error once ``attempts`` tries of one batch failed; :class:`SequenceError`
+        (the hub misses seqs: needs an operator), :class:`AuthenticationError` and the other
+        node-level rejections at once, dead-lettering nothing.
+        """
+        return await self._push_lane(lane, _Tally())
+
+    async def _push_lane(self, lane: int, tally: _Tally) -> int:
+        tier = Tier.from_priority(lane)
+        outbox = self.store.outbox
+        async with self._push_locks[lane]:
+            status = {s.tier: s for s in await outbox.status()}[tier]
+            # Changes written while we push wait for the next call: a busy lane cannot
+            # starve the lanes (and pulls) after it in a round.
+            stop_after = status.next_seq - 1
+            pushed = 0
+            attempt = 0
+            cap: int | None = None  # bisection: the batch size a rejection forced down
+            while True:
+                limit = self.sizer.size if cap is None else min(cap, self.sizer.size)
+                batch = await outbox.next_batch(limit=limit, lanes=[lane])
+                if batch is None or batch.first_seq > stop_after:
+                    return pushed
+                try:
+                    answer = await self.link.push(batch)
+                except SyncError as exc:
+                    if is_transient(exc):
+                        self.sizer.failure()
+                        await self._pause(exc, attempt, "push", tier)
+                        attempt += 1
+                        continue
+                    if not isinstance(exc, InvalidInputError | PermissionDeniedError):
+                        raise
+                    if rejects_node(exc):
+                        raise  # never dead-letter these; the caller reports them
+                    cap = await self._reject(batch, exc, cap, tally)
+                    continue
+                self._recovered()
+                attempt = 0
+                if answer.acked < batch.first_seq:
+                    # The hub applied nothing and claims success: retrying would loop.
+                    raise SequenceError(
+                        f"lane {lane}: the hub acknowledged seq {answer.acked} for a batch "
+                        f"starting at {batch.first_seq}",
+                        code="ack_behind",
+                        detail={"lane": lane, "acked": answer.acked, "first": batch.first_seq},
+                    )
+                crashpoints.crashpoint("push.after_ack_before_outbox_delete")
+                done = await outbox.ack(lane, answer.acked)
+                pushed += done
+                tally.pushed[tier] += done
+                self._fold(answer.hub_hlc)
+                self.sizer.success(len(batch.changes))
+                if cap is not None:
+                    # Grow back after the culprit is behind us, as the sizer would.
+                    cap = None if cap * 2 >= self.sizer.size else cap * 2
+                if answer.conflicts:
+                    log.debug(
+                        "node %s lane %s: %d conflicts logged by the hub",
+                        self.store.node_id,
+                        tier,
+                        answer.conflicts,
+                    )
+
+    async def _reject(
+        self, batch: OutboxBatch, exc: SyncError, cap: int | None, tally: _Tally
+    ) -> int | None:
+        """Handle a final rejection of ``batch`` that may be about one change; return the
+        bisection cap for the next batch. Raises ``exc`` when nothing can be singled out."""
+        self._fold_link()
+        hub_max = exc.detail.get("max")
+        if (
+            exc.code == "batch_too_large"
+            and isinstance(hub_max, int)
+            and 1 <= hub_max < len(batch.changes)
+        ):
+            # The hub said its limit: adopt it rather than discover it by halving.
+            self.sizer.ceiling = hub_max
+            return cap
+        seq = _names_seq(exc, batch)
+        if seq is None and len(batch.changes) == 1:
+            seq = batch.changes[0].seq  # bisected down to the culprit
+        if seq is not None:
+            await self._dead_letter(batch.lane, seq, exc, tally)
+            return cap
+        if len(batch.changes) > 1:
+            half = len(batch.changes) // 2
+            log.debug(
+                "node %s lane %s: hub refused a batch of %d without naming a change (%s); "
+                "retrying with %d",
+                self.store.node_id,
+                batch.tier,
+                len(batch.changes),
+                exc.code,
+                half,
+            )
+            return half
+        # Only skipped seqs, refused: nothing to single out.
+        raise exc
+
+    async def _dead_letter(self, lane: int, seq: int, exc: SyncError, tally: _Tally) -> None:
+        crashpoints.crashpoint("deadletter.after_reject_before_record")
+        moved = await self.store.outbox.dead_letter(
+            lane, seq, code=exc.code, message=exc.message, detail=exc.detail
+        )
+        if moved:
+            tally.dead_lettered += 1
+            log.warning(
+                "node %s lane %s: change %d refused by the hub (%s), moved to dead letters: %s",
+                self.store.node_id,
+                Tier.from_priority(lane),
+                seq,
+                exc.code,
+                exc.message,
+            )
+
+    # -- pull ---------------------------------------------------------------------------------
+
+    async def pull_tier(self, tier: Tier, *, wait_s: float = 0.0) -> int:
+        """Pull ``tier``'s feed for the subscriptions until the hub has no more; return how
+        many changes were applied. Each page and the cursor ``pull:<tier>`` move together in
+        one store transaction, so a crash never skips nor repeats a change.
+
+        ``wait_s`` > 0 makes the first request a long-poll. Raises like :meth:`push_lane`.
+        """
+        return await self._pull_tier(Tier(tier), wait_s, _Tally())
+
+    async def _pull_tier(self, tier: Tier, wait_s: float, tally: _Tally) -> int:
+        if not self.subscriptions:
+            return 0
+        name = f"pull:{tier.value}"
+        applied = 0
+        attempt = 0
+        async with self._pull_locks[tier]:
+            while True:
+                after = await self.store.cursor(name)
+                try:
+                    page = await self.link.pull(
+                        tier=tier,
+                        prefixes=self.subscriptions,
+                        after=after,
+                        limit=self.pull_sizer.size,
+                        wait_s=wait_s,
+                    )
+                except SyncError as exc:
+                    if not is_transient(exc):
+                        raise
+                    self.pull_sizer.failure()
+                    await self._pause(exc, attempt, "pull", tier)
+                    attempt += 1
+                    continue
+                self._recovered()
+                attempt = 0
+                if page.more and page.next_cursor <= after:
+                    raise DecodeError(
+                        f"hub says more follows cursor {after} but moved it to {page.next_cursor}",
+                        code=INVALID_RESPONSE,
+                        detail={"after": after, "next": page.next_cursor},
+                    )
+                done = await self.store.apply_remote(
+                    page.changes, cursor=page.next_cursor, cursor_name=name
+                )
+                applied += done
+                tally.pulled[tier] += done
+                crashpoints.crashpoint("pull.after_commit_before_next_page")
+                self._fold(page.hub_hlc)
+                self.pull_sizer.success(len(page.changes))
+                if not page.more:
+                    return applied
+                wait_s = 0.0  # the long-poll was for the first page only
+
+    # -- a round ------------------------------------------------------------------------------
+
+    async def sync_once(self, *, tiers: Iterable[Tier] | None = None) -> SyncReport:
+        """One round: learn the config, push every lane (critical first), pull every tier.
+
+        ``tiers`` restricts the lanes and tiers handled. Failures are reported per step in
+        :attr:`SyncReport.errors` and the round goes on, except that a transient push error
+        ends it (the link is down: the next steps would only wait out their own retries).
+        Raises :class:`AuthenticationError` (no step can succeed with a wrong token) and
+        errors of the store itself (:class:`StorageError`).
+        """
+        started = time.monotonic()
+        sent0, received0 = self.link.bytes_sent, self.link.bytes_received
+        wanted = sorted({Tier(t) for t in (Tier if tiers is None else tiers)}, key=_priority)
+        tally = _Tally()
+        errors: list[RoundError] = []
+        ok: list[_Step] = []
+        try:
+            await self.learn_config()
+            ok.append(("config", None))
+        except SyncError as exc:
+            errors.append(self._failed("config", None, exc))
+        link_down = False
+        for tier in wanted:
+            try:
+                await self._push_lane(tier.priority, tally)
+                ok.append(("push", tier))
+            except SyncError as exc:
+                errors.append(self._failed("push", tier, exc))
+                if is_transient(exc):
+                    link_down = True
+                    break
+        if not link_down:
+            for tier in wanted:
+                try:
+                    await self._pull_tier(tier, 0.0, tally)
+                    ok.append(("pull", tier))
+                except SyncError as exc:
+                    errors.append(self._failed("pull", tier, exc))
+                    if is_transient(exc):
+                        break
+        depth = {s.tier: s.depth for s in await self.store.outbox.status()}
+        report = SyncReport(
+            pushed=MappingProxyType({t: tally.pushed[t] for t in wanted}),
+            pulled=MappingProxyType({t: tally.pulled[t] for t in wanted}),
+            dead_lettered=tally.dead_lettered,
+            errors=tuple(errors),
+            caught_up=not errors and all(depth[t] == 0 for t in wanted),
+            bytes_sent=self.link.bytes_sent - sent0,
+            bytes_received=self.link.bytes_received - received0,
+            duration_s=time.monotonic() - started,
+        )
+        self._note_steps(ok, report.errors)
+        moved = sum(report.pushed.values()) + sum(report.pulled.values()) + report.dead_lettered
+        log.log(
+            logging.INFO if moved or errors else logging.DEBUG,
+            "node %s: sync round: pushed %d, pulled %d, dead-lettered %d, %d errors, %s",
+            self.store.node_id,
+            sum(report.pushed.values()),
+            sum(report.pulled.values()),
+            report.dead_lettered,
+            len(errors),
+            "caught up" if report.caught_up else "not caught up",
+        )
+        return report
+
+    def _failed(self, step: StepName, tier: Tier | None, exc: SyncError) -> RoundError:
+        """Record a failed step, or raise what no later step could survive."""
+        if isinstance(exc, AuthenticationError):
+            raise exc
+        if not isinstance(exc, RetryableError | InvalidInputError | PermissionDeniedError):
+            raise exc  # the store's own errors (disk, corruption): not a sync outcome
+        return RoundError(
+            step=step, tier=tier, code=exc.code, message=exc.message, retryable=is_transient(exc)
+        )
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _note_steps(self, ok: Iterable[_Step], errors: Sequence[RoundError]) -> None:
+        """Log a final error when a step starts failing or changes reason, and its recovery;
+        not again every round while it keeps failing the same way. (Transient failures are
+        logged by :meth:`_pause`.)"""
+        for e in errors:
+            key = (e.step, e.tier)
+            if not e.retryable and self._step_errors.get(key) != e.code:
+                self._step_errors[key] = e.code
+                log.warning(
+                    "node %s: %s%s refused by the hub (%s): %s",
+                    self.store.node_id,
+                    e.step,
+                    f" of {e.tier}" if e.tier else "",
+                    e.code,
+                    e.message,
+                )
+        for step, tier in ok:
+            if self._step_errors.pop((step, tier), None) is not None:
+                log.info(
+                    "node %s: %s%s works again",
+                    self.store.node_id,
+                    step,
+                    f" of {tier}" if tier else "",
+                )
+
+    async def _pause(self, exc: SyncError, attempt: int, step: str, tier: Tier) -> None:
+        """After transient failure number ``attempt`` (0-based) of one request: raise it when
+        the attempts are used up, else sleep the backoff."""
+        self._fold_link()
+        self._failures += 1
+        if self._failures == 1:
+            log.warning(
+                "node %s: %s of %s failed (%s): %s; retrying with backoff, changes stay queued",
+                self.store.node_id,
+                step,
+                tier,
+                exc.code,
+                exc.message,
+            )
+        else:
+            log.debug(
+                "node %s: %s of %s failed again (%s, %d in a row)",
+                self.store.node_id,
+                step,
+                tier,
+                exc.code,
+                self._failures,
+            )
+        if attempt + 1 >= self.attempts:
+            raise exc
+        await self._sleep(self.backoff.delay(attempt))
+
+    def _recovered(self) -> None:
+        if self._failures:
+            log.info(
+                "node %s: hub %s reachable again after %d failed attempts",
+                self.store.node_id,
+                self.link.origin,
+                self._failures,
+            )
+            self._failures = 0
+        self.backoff.reset()
+
+    def _fold_link(self) -> None:
+        """Fold the clock the hub sent with its last answer, error answers included."""
+        if self.link.hub_hlc is not None:
+            self._fold(self.link.hub_hlc)
+
+    def _fold(self, hlc: int) -> None:
+        """Fold a hub stamp into the edge clock, so a slow clock catches up; a stamp too far
+        ahead of our wall clock is not folded (it would drag every later write with it)."""
+        try:
+            self.store.clock.observe(hlc)
+        except ClockDriftError as exc:
+            if not self._fold_warned:
+                self._fold_warned = True
+                log.warning(
+                    "node %s: not folding the hub's clock into ours: %s",
+                    self.store.node_id,
+                    exc.message,
+                )
+
+
+def _priority(tier: Tier) -> int:
+    return tier.priority
+
+
+def _resolvers(raw: object) -> dict[str, str]:
+    if not isinstance(raw, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in raw.items()
+    ):
+        raise ValidationError("resolvers must map collection names to resolver names")
+    unknown = sorted({v for v in raw.values() if v not in RESOLVERS})
+    if unknown:
+        raise ValidationError(
+            f"the hub uses resolvers this edge does not know: {', '.join(unknown)}",
+            hint="Upgrade syncengine on this edge.",
+            code="unknown_resolver",
+        )
+    return dict(raw)
