@@ -47,14 +47,17 @@ __all__ = [
     "PullPage",
     "PushAnswer",
     "PushBatch",
+    "SnapshotPage",
     "decode_body",
     "decode_pull_page",
     "decode_push",
     "decode_push_answer",
+    "decode_snapshot_page",
     "encode_body",
     "encode_pull_page",
     "encode_push",
     "encode_push_answer",
+    "encode_snapshot_page",
     "validate_node_id",
 ]
 
@@ -432,3 +435,53 @@ def decode_body(body: bytes, encoding: str | None, limits: Limits = DEFAULT_LIMI
     codec's generic shape walk redundant here.
     """
     return decode(decompress(body, encoding, limits), limits, check_shape=False)
+
+
+# -- snapshot ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SnapshotPage:
+    """One page of a cell prefix's records, in ``(cell, collection, key)`` order.
+
+    ``records`` are ``(cell, collection, key, state, feed_id)``: the canonical merge state and
+    the last feed entry folded into it. ``cursor`` is the feed head when the snapshot began:
+    after the last page, pull from it, skipping for each record the feed entries at or
+    below its ``feed_id``. ``next`` resumes the snapshot (None after the last page).
+    """
+
+    records: list[tuple[str, str, str, bytes, int]]
+    cursor: int
+    next: str | None
+
+
+def encode_snapshot_page(page: SnapshotPage) -> dict[str, Any]:
+    return {
+        "v": PROTOCOL_VERSION,
+        "cursor": page.cursor,
+        "next": page.next,
+        "records": [list(r) for r in page.records],
+    }
+
+
+def decode_snapshot_page(obj: object) -> SnapshotPage:
+    msg = _only_keys(obj, frozenset({"v", "cursor", "next", "records"}), "snapshot page")
+    rows = msg["records"]
+    nxt = msg["next"]
+    if not isinstance(rows, list) or not (nxt is None or isinstance(nxt, str)):
+        raise _bad("snapshot page: 'records' must be a list and 'next' a string or nil")
+    records = []
+    for row in rows:
+        if not isinstance(row, list) or len(row) != 5 or not isinstance(row[3], bytes):
+            raise _bad("snapshot record must be [cell, collection, key, state, feed_id]")
+        cell, coll, key, state, feed_id = row
+        records.append(
+            (
+                parse_cell(cell),
+                validate_collection(coll),
+                validate_key(key),
+                state,
+                _int({"feed_id": feed_id}, "feed_id", 0, _MAX_SEQ),
+            )
+        )
+    return SnapshotPage(records=records, cursor=_int(msg, "cursor", 0, _MAX_SEQ), next=nxt)

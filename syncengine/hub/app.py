@@ -4,6 +4,7 @@ Routes::
 
     POST /v1/push      apply a batch of one node lane (msgpack, zstd optional)
     GET  /v1/pull      changes after a cursor for one tier and the node's prefixes; long-poll
+    GET  /v1/snapshot  a granted cell prefix's records, page by page (resumable)
     GET  /v1/config    tier rules, resolvers and limits for edges
     GET  /v1/status    what `syncengine status` shows (JSON)
     GET  /healthz      the process is up
@@ -39,7 +40,7 @@ from syncengine.errors import (
     LimitExceededError,
     SyncError,
 )
-from syncengine.hub import db, feed, nodes, push
+from syncengine.hub import db, feed, nodes, push, snapshot
 from syncengine.hub.cache import Cache
 from syncengine.hub.metrics import HubMetrics
 from syncengine.protocol import (
@@ -49,6 +50,7 @@ from syncengine.protocol import (
     encode_body,
     encode_pull_page,
     encode_push_answer,
+    encode_snapshot_page,
 )
 from syncengine.tiers import Tier
 
@@ -109,6 +111,7 @@ class Hub:
             [
                 web.post("/v1/push", self._push),
                 web.get("/v1/pull", self._pull),
+                web.get("/v1/snapshot", self._snapshot),
                 web.get("/v1/config", self._config),
                 web.get("/v1/status", self._status),
                 web.get("/healthz", self._healthz),
@@ -259,6 +262,18 @@ class Hub:
                 await asyncio.wait_for(event.wait(), timeout=min(remaining, recheck))
         self.metrics.pulls.labels(tier=Tier.from_priority(tier).value).inc()
         return self._msgpack_response(request, encode_pull_page(page))
+
+    async def _snapshot(self, request: web.Request) -> web.Response:
+        node = await self._node(request)
+        q = request.query
+        (prefix,) = nodes.check_readable(node, self.config.region, [q.get("prefix", "")])
+        page = await snapshot.read_snapshot_page(
+            self.pool,
+            prefix=prefix,
+            after=q.get("after") or None,
+            limit=_int_param(q, "limit", 1000, 1, MAX_PULL_LIMIT),
+        )
+        return self._msgpack_response(request, encode_snapshot_page(page))
 
     async def _config(self, request: web.Request) -> web.Response:
         await self._node(request)
