@@ -31,6 +31,7 @@ from typing import Any, Final
 import asyncpg
 from aiohttp import web
 
+from syncengine import crashpoints
 from syncengine.clock import HybridClock
 from syncengine.codec import Limits
 from syncengine.config import HubConfig
@@ -78,6 +79,7 @@ class Hub:
         self.resolvers: dict[str, str] = dict(getattr(config, "resolvers", {}) or {})
         self.limits = Limits(max_body_bytes=config.max_body_bytes)
         self.metrics = HubMetrics()
+        self._exported = (0, 0)  # cache hits and misses already in the metrics
         self.started = time.time()
         # Local wake-ups for long-polls; Redis pub/sub carries them across processes.
         self._wake: dict[int, asyncio.Event] = {t.priority: asyncio.Event() for t in Tier}
@@ -223,6 +225,9 @@ class Hub:
         self.metrics.changes_applied.inc(result.answer.applied)
         self.metrics.batch_size.observe(len(batch.changes))
         self.metrics.conflicts.inc(result.answer.conflicts)
+        if result.feed_rows:
+            crashpoints.crashpoint("hub.cache.after_pg_commit_before_redis_set")
+            await self.cache.put_feed_batch(result.epoch, result.feed_rows)
         if result.tiers:
             self._local_wake(result.tiers)
             await self.cache.publish_wakeup(result.tiers)
@@ -250,6 +255,7 @@ class Hub:
                 after=after,
                 limit=limit,
                 clock=self.clock,
+                cache=self.cache,
             )
             remaining = deadline - time.monotonic()
             if page.changes or remaining <= 0:
@@ -360,6 +366,10 @@ class Hub:
         self.metrics.pool_size.set(self.pool.get_size())
         self.metrics.pool_idle.set(self.pool.get_idle_size())
         self.metrics.cache_degraded.set(1 if self.cache.degraded else 0)
+        # The cache counts plainly; advance the Prometheus counters by what is new.
+        self.metrics.cache_hits.inc(self.cache.hits - self._exported[0])
+        self.metrics.cache_misses.inc(self.cache.misses - self._exported[1])
+        self._exported = (self.cache.hits, self.cache.misses)
         body, content_type = self.metrics.render()
         return web.Response(body=body, headers={"Content-Type": content_type})
 

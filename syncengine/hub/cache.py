@@ -7,17 +7,25 @@ per request, and a restarted Redis is picked up without restarting the hub.
 
 Pub/sub carries long-poll wake-ups between hub processes ("a push to tier T committed").
 Losing one only delays a long-poll until its periodic re-read of PostgreSQL.
+
+The recent tail of the change feed is kept for pulls: one sorted-set member per applied
+push batch (score = its first feed id), namespaced by the feed's epoch. Feed entries never
+change once committed, so a cached entry can be missing (a crash between the PostgreSQL
+commit and the cache write, an eviction, a flushed or restarted Redis) but never wrong;
+readers use the cache only when its batches cover the whole id range they need.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
+import msgpack
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -30,6 +38,19 @@ T = TypeVar("T")
 
 DEFAULT_TIMEOUT_S: Final = 0.25
 DEFAULT_COOLDOWN_S: Final = 2.0
+#: How many feed ids behind the newest the cached tail reaches.
+FEED_TAIL_IDS: Final = 200_000
+#: Upper bound on one batch's size (the hub refuses larger ones), for range look-ups.
+MAX_BATCH_IDS: Final = 10_000
+#: Batches fetched per Redis round trip while filling a page.
+_CHUNK: Final = 8
+
+FeedRow = list[Any]  # [id, tier, cell, collection, key, node_id, lane, seq, hlc, fields, base]
+
+
+async def _zrange_chunk(r: aioredis.Redis, *, key: str, low: int, high: int) -> list[bytes]:
+    members = await r.zrangebyscore(key, low, high, start=0, num=_CHUNK)
+    return [m for m in members if isinstance(m, bytes)]  # raw members: bytes, never decoded
 
 
 class Cache:
@@ -118,6 +139,77 @@ class Cache:
             log.info("Redis is back; cache enabled")
             self._failing = False
         return result
+
+    def _feed_key(self, epoch: str) -> str:
+        return f"{self.namespace}:feed:{epoch}"
+
+    async def put_feed_batch(self, epoch: str, rows: list[FeedRow]) -> None:
+        """Cache one committed batch's feed rows and trim the tail."""
+        if not rows or self._redis is None:
+            return
+        first, last = rows[0][0], rows[-1][0]
+        member = msgpack.packb(rows, use_bin_type=True)
+        key = self._feed_key(epoch)
+
+        async def op(r: aioredis.Redis) -> Any:
+            async with r.pipeline(transaction=False) as pipe:
+                pipe.zadd(key, {member: first})
+                pipe.zremrangebyscore(key, "-inf", f"({last - FEED_TAIL_IDS}")
+                return await pipe.execute()
+
+        await self._call(op)
+
+    async def feed_page(
+        self,
+        epoch: str,
+        first: int,
+        last: int,
+        *,
+        wanted: Callable[[FeedRow], bool],
+        limit: int,
+    ) -> list[FeedRow] | None:
+        """Up to ``limit`` cached feed rows with ids in ``first..last`` that ``wanted``
+        accepts, in id order — or ``None`` unless the cache holds every id from ``first``
+        up to where the page filled (or to ``last``); the caller then reads PostgreSQL.
+
+        Batches are fetched a few at a time and reading stops once the page is full, so a
+        page never costs more than the batches it needs.
+        """
+        if self._redis is None:
+            return None
+        key = self._feed_key(epoch)
+        out: list[FeedRow] = []
+        expected = first
+        low = first - MAX_BATCH_IDS  # the batch holding `first` starts at most this far back
+        while expected <= last and len(out) < limit:
+            chunk: list[bytes] | None = await self._call(
+                functools.partial(_zrange_chunk, key=key, low=low, high=last)
+            )
+            if not chunk:
+                break
+            for member in chunk:
+                rows = msgpack.unpackb(member, raw=False)
+                if not rows or rows[-1][0] < expected:
+                    continue
+                if rows[0][0] > expected:
+                    self.misses += 1
+                    return None  # a hole: this range is not all here
+                for row in rows:
+                    if row[0] < expected:
+                        continue
+                    if row[0] > last or len(out) == limit:
+                        break
+                    expected = row[0] + 1
+                    if wanted(row):
+                        out.append(row)
+                if expected > last or len(out) == limit:
+                    break
+            low = expected  # next chunk: batches starting after what was covered
+        if expected <= last and len(out) < limit:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return out
 
     async def publish_wakeup(self, tiers: Iterable[int]) -> None:
         payload = ",".join(str(t) for t in sorted(tiers))

@@ -17,8 +17,10 @@ from typing import Any
 import asyncpg
 import msgpack
 
+from syncengine.cells import covers_any
 from syncengine.clock import HybridClock
 from syncengine.errors import SequenceError
+from syncengine.hub.cache import Cache
 from syncengine.hub.db import translated
 from syncengine.merge import Change
 from syncengine.protocol import PullPage
@@ -29,6 +31,21 @@ __all__ = ["feed_head", "read_page", "rows_to_changes"]
 #: and however sparse the node's subscriptions are in the feed: a page that finds fewer
 #: matches than its limit moves the cursor to the end of the window it scanned.
 SCAN_WINDOW = 50_000
+
+#: The cache's row layout (see :class:`syncengine.hub.cache.Cache`).
+_COLUMNS = (
+    "id",
+    "tier",
+    "cell",
+    "collection",
+    "key",
+    "node_id",
+    "lane",
+    "seq",
+    "hlc",
+    "fields",
+    "base",
+)
 
 _PAGE_SQL = (
     "SELECT id, cell, collection, key, node_id, lane, seq, hlc, fields, base FROM feed "
@@ -74,14 +91,17 @@ async def read_page(
     after: int,
     limit: int,
     clock: HybridClock,
+    cache: Cache | None = None,
 ) -> PullPage:
-    """One page of ``tier``'s changes under ``prefixes`` after ``after``, for ``node_id``."""
-    async with (
-        translated("pull"),
-        pool.acquire() as conn,
-        conn.transaction(isolation="repeatable_read", readonly=True),
-    ):
-        head = await conn.fetchval("SELECT id FROM feed_head")
+    """One page of ``tier``'s changes under ``prefixes`` after ``after``, for ``node_id``.
+
+    Served from the cached feed tail when the cache holds the whole id range, else from
+    PostgreSQL. No transaction is needed: feed appends are serialized and become visible at
+    commit, so every id at or below the head read first is settled, and any later read of
+    that range sees exactly the same rows.
+    """
+    async with translated("pull"), pool.acquire() as conn:
+        head, epoch = await conn.fetchrow("SELECT id, epoch FROM feed_head")
         if after > head:
             raise SequenceError(
                 f"pull cursor {after} is ahead of this hub's feed (head {head})",
@@ -91,7 +111,19 @@ async def read_page(
                 detail={"cursor": after, "head": head},
             )
         window_end = min(head, after + SCAN_WINDOW)
-        rows = await conn.fetch(_PAGE_SQL, tier, after, node_id, prefixes, limit, window_end)
+        cached = None
+        if cache is not None and cache.configured and not cache.degraded and after < window_end:
+            cached = await cache.feed_page(
+                epoch,
+                after + 1,
+                window_end,
+                wanted=lambda r: r[1] == tier and r[5] != node_id and covers_any(prefixes, r[2]),
+                limit=limit,
+            )
+        if cached is not None:
+            rows: list[Any] = [dict(zip(_COLUMNS, r, strict=True)) for r in cached]
+        else:
+            rows = await conn.fetch(_PAGE_SQL, tier, after, node_id, prefixes, limit, window_end)
     ids, changes = rows_to_changes(rows)
     full = len(rows) == limit
     return PullPage(

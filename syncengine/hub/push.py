@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
-from typing import Final
+from dataclasses import dataclass, field
+from typing import Any, Final
 
 import asyncpg
 
@@ -33,7 +33,6 @@ from syncengine.hub.db import pg_json, translated
 from syncengine.hub.nodes import Node, check_writable
 from syncengine.merge import (
     DEFAULT_RESOLVER,
-    Change,
     Conflict,
     RecordState,
     apply_change,
@@ -60,6 +59,11 @@ class AppliedBatch:
     last_id: int
     #: Tiers that received feed entries (for long-poll wake-ups).
     tiers: frozenset[int]
+    #: The feed rows appended, as the cache keeps them:
+    #: ``[id, tier, cell, collection, key, node_id, lane, seq, hlc, fields, base]``.
+    feed_rows: list[list[Any]] = field(default_factory=list)
+    #: The feed's epoch (names this database's feed in the cache).
+    epoch: str = ""
 
 
 def check_batch(
@@ -144,7 +148,9 @@ async def apply_push(
                 exc.detail.update(seq=c.seq, lane=batch.lane)
                 raise
         conflicts: list[Conflict] = []
+        feed_rows: list[list[Any]] = []
         first_id = last_id = 0
+        epoch = ""
         tiers: set[int] = set()
         if todo:
             states = await _load_states(conn, {(c.cell, c.collection, c.key) for c in todo})
@@ -159,20 +165,29 @@ async def apply_push(
                 )
                 states[rk] = touched[rk] = result.state
                 conflicts.extend(result.conflicts)
-            last_id = await conn.fetchval(
-                "UPDATE feed_head SET id = id + $1 RETURNING id", len(todo)
+            last_id, epoch = await conn.fetchrow(
+                "UPDATE feed_head SET id = id + $1 RETURNING id, epoch", len(todo)
             )
             first_id = last_id - len(todo) + 1
             tier_of = {c.cell: tier_rules.tier_for(c.cell).priority for c in todo}
             tiers = set(tier_of.values())
-            await _append_feed(
-                conn,
-                todo,
-                first_id=first_id,
-                tier_of=tier_of,
-                node_id=node.node_id,
-                lane=batch.lane,
-            )
+            feed_rows = [
+                [
+                    first_id + i,
+                    tier_of[c.cell],
+                    c.cell,
+                    c.collection,
+                    c.key,
+                    node.node_id,
+                    batch.lane,
+                    c.seq,
+                    c.hlc,
+                    None if c.fields is None else encode(c.fields),
+                    encode(dict(c.base)) if c.base else None,
+                ]
+                for i, c in enumerate(todo)
+            ]
+            await _append_feed(conn, feed_rows)
             crashpoints.crashpoint("hub.feed.after_append_before_commit")
             record_feed_id = {
                 (c.cell, c.collection, c.key): first_id + i for i, c in enumerate(todo)
@@ -206,6 +221,8 @@ async def apply_push(
         first_id=first_id,
         last_id=last_id,
         tiers=frozenset(tiers),
+        feed_rows=feed_rows,
+        epoch=epoch,
     )
 
 
@@ -273,31 +290,13 @@ async def _write_records(
     )
 
 
-async def _append_feed(
-    conn: asyncpg.Connection,
-    todo: list[Change],
-    *,
-    first_id: int,
-    tier_of: dict[str, int],
-    node_id: str,
-    lane: int,
-) -> None:
+async def _append_feed(conn: asyncpg.Connection, rows: list[list[Any]]) -> None:
+    columns = list(zip(*rows, strict=True))
     await conn.execute(
         "INSERT INTO feed (id, tier, cell, collection, key, node_id, lane, seq, hlc, fields, base) "
-        "SELECT id, tier, cell, collection, key, $1, $2, seq, hlc, fields, base FROM unnest("
-        "$3::int8[], $4::int2[], $5::text[], $6::text[], $7::text[], $8::int8[], $9::int8[], "
-        "$10::bytea[], $11::bytea[]) AS t (id, tier, cell, collection, key, seq, hlc, fields, base)",
-        node_id,
-        lane,
-        list(range(first_id, first_id + len(todo))),
-        [tier_of[c.cell] for c in todo],
-        [c.cell for c in todo],
-        [c.collection for c in todo],
-        [c.key for c in todo],
-        [c.seq for c in todo],
-        [c.hlc for c in todo],
-        [None if c.fields is None else encode(c.fields) for c in todo],
-        [encode(dict(c.base)) if c.base else None for c in todo],
+        "SELECT * FROM unnest($1::int8[], $2::int2[], $3::text[], $4::text[], $5::text[], "
+        "$6::text[], $7::int2[], $8::int8[], $9::int8[], $10::bytea[], $11::bytea[])",
+        *(list(col) for col in columns),
     )
 
 
