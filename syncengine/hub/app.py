@@ -386,26 +386,25 @@ def _tier_param(value: str) -> int:
 
 
 def _int_param(q: Any, name: str, default: int, lo: int, hi: int) -> int:
-    raw = q.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise DecodeError(f"{name}={raw[:40]!r} is not an integer", code="invalid_param") from None
-    if not lo <= value <= hi:
-        raise InvalidInputError(f"{name}={value} is outside {lo}..{hi}", code="invalid_param")
-    return value
+    return int(_number_param(q, name, default, lo, hi, kind=int))
 
 
 def _float_param(q: Any, name: str, default: float, lo: float, hi: float) -> float:
+    return _number_param(q, name, default, lo, hi, kind=float)
+
+
+def _number_param(
+    q: Any, name: str, default: float, lo: float, hi: float, *, kind: type[int] | type[float]
+) -> float:
+    """A numeric query parameter within ``lo..hi``; a clear 400 otherwise."""
     raw = q.get(name)
     if raw is None:
         return default
     try:
-        value = float(raw)
+        value = kind(raw)
     except ValueError:
-        raise DecodeError(f"{name}={raw[:40]!r} is not a number", code="invalid_param") from None
+        what = "an integer" if kind is int else "a number"
+        raise DecodeError(f"{name}={raw[:40]!r} is not {what}", code="invalid_param") from None
     if not lo <= value <= hi:
         raise InvalidInputError(f"{name}={value} is outside {lo}..{hi}", code="invalid_param")
     return value
