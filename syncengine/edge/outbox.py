@@ -276,6 +276,21 @@ class Outbox:
             )
         return out
 
+    async def last_issued(self, lane: int) -> int:
+        """The highest seq ``lane`` has handed out (0 before its first change): one row read,
+        cheap enough to call before every push."""
+        rows = await self._store._read("SELECT next_seq FROM lanes WHERE lane = ?", (lane,))
+        return int(rows[0][0]) - 1
+
+    async def pending(self, lane: int) -> bool:
+        """Whether ``lane`` has a change the hub has not acknowledged (an index probe)."""
+        rows = await self._store._read(
+            "SELECT EXISTS (SELECT 1 FROM outbox WHERE lane = ? "
+            "AND seq > (SELECT acked_seq FROM lanes WHERE lane = ?))",
+            (lane, lane),
+        )
+        return bool(rows[0][0])
+
     async def status(self) -> list[LaneStatus]:
         """Depth, bytes and oldest pending change per lane, most important first."""
         rows = await self._store._read(

@@ -27,10 +27,11 @@ again, not a line every round in between.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final, Literal
@@ -65,6 +66,7 @@ __all__ = [
     "MAX_PULL_LIMIT",
     "Backoff",
     "BatchSizer",
+    "PriorityGate",
     "RoundError",
     "StepName",
     "SyncReport",
@@ -142,6 +144,58 @@ class Backoff:
     def reset(self) -> None:
         """A success: the next failure starts from the shortest pauses again."""
         self.attempt = 0
+
+
+class PriorityGate:
+    """Lanes yield to more important ones between batches: a tier never starves a higher one.
+
+    A push of lane ``n`` holds :meth:`claim` while it runs; before each batch a push of a
+    lower lane (a larger ``n``) waits in :meth:`turn` until no more important lane is
+    claimed. So a critical change waits for at most the one lower batch already in flight,
+    however large the archive backlog. :meth:`announce` holds the lower lanes for a moment
+    before the push itself starts (the debounce of a critical write), and expires by itself
+    so a push that never comes cannot block them for long.
+    """
+
+    __slots__ = ("_busy", "_changed", "_held_until")
+
+    def __init__(self) -> None:
+        self._busy = [0] * len(Tier)
+        self._held_until = [0.0] * len(Tier)
+        self._changed = asyncio.Condition()
+
+    def blocked(self, lane: int) -> float:
+        """0 when ``lane`` may send now; otherwise how long (s) to wait at most before
+        looking again (``inf``: until a claim of a more important lane ends)."""
+        if any(self._busy[:lane]):
+            return float("inf")
+        now = time.monotonic()
+        return max([0.0, *(t - now for t in self._held_until[:lane])])
+
+    def announce(self, lane: int, *, for_s: float = 1.0) -> None:
+        """A push of ``lane`` is coming within ``for_s`` seconds: hold the lower lanes."""
+        self._held_until[lane] = max(self._held_until[lane], time.monotonic() + for_s)
+
+    async def turn(self, lane: int) -> None:
+        """Wait until ``lane`` may send its next batch."""
+        while (wait := self.blocked(lane)) > 0:
+            async with self._changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._changed.wait(), None if wait == float("inf") else wait
+                    )
+
+    @contextlib.asynccontextmanager
+    async def claim(self, lane: int) -> AsyncIterator[None]:
+        """Mark a push of ``lane`` as running (it consumes the lane's announcement)."""
+        self._busy[lane] += 1
+        self._held_until[lane] = 0.0
+        try:
+            yield
+        finally:
+            self._busy[lane] -= 1
+            async with self._changed:
+                self._changed.notify_all()
 
 
 class BatchSizer:
@@ -272,7 +326,9 @@ class Syncer:
 
     ``subscriptions`` are the cell prefixes pulled (validated here; none means no pulls).
     ``sizer`` sizes push batches, ``pull_sizer`` pull pages; ``backoff`` spaces retries;
-    ``attempts`` bounds the tries of one request per call; ``sleep`` is injectable for tests.
+    ``attempts`` bounds the tries of one request per call; ``sleep`` is injectable for tests;
+    ``log_link_state=False`` leaves the warnings about the link going down and up to the
+    caller (the daemon tracks reachability itself).
     Within a call, retries pause ``backoff.delay(n)``; across calls, a scheduler may space
     failed rounds with ``backoff.next_delay()``, which every success resets.
 
@@ -291,6 +347,7 @@ class Syncer:
         backoff: Backoff | None = None,
         attempts: int = DEFAULT_ATTEMPTS,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        log_link_state: bool = True,
     ) -> None:
         if attempts < 1:
             raise ValueError(f"attempts must be >= 1, not {attempts!r}")
@@ -306,6 +363,11 @@ class Syncer:
         self.backoff = backoff if backoff is not None else Backoff()
         self.attempts = attempts
         self._sleep = sleep
+        # False when an owner (the daemon) logs the link's ups and downs itself: then a
+        # streak of failures and its end are debug lines here, not a second warning.
+        self._link_level = logging.WARNING if log_link_state else logging.DEBUG
+        #: Lower lanes wait for more important ones between batches (shared by all calls).
+        self.gate = PriorityGate()
         self._push_locks = {t.priority: asyncio.Lock() for t in Tier}
         self._pull_locks = {t: asyncio.Lock() for t in Tier}
         self._failures = 0  # consecutive transient failures: what calms the logs
@@ -382,15 +444,15 @@ class Syncer:
     async def _push_lane(self, lane: int, tally: _Tally) -> int:
         tier = Tier.from_priority(lane)
         outbox = self.store.outbox
-        async with self._push_locks[lane]:
-            status = {s.tier: s for s in await outbox.status()}[tier]
+        async with self._push_locks[lane], self.gate.claim(lane):
             # Changes written while we push wait for the next call: a busy lane cannot
             # starve the lanes (and pulls) after it in a round.
-            stop_after = status.next_seq - 1
+            stop_after = await outbox.last_issued(lane)
             pushed = 0
             attempt = 0
             cap: int | None = None  # bisection: the batch size a rejection forced down
             while True:
+                await self.gate.turn(lane)
                 limit = self.sizer.size if cap is None else min(cap, self.sizer.size)
                 batch = await outbox.next_batch(limit=limit, lanes=[lane])
                 if batch is None or batch.first_seq > stop_after:
@@ -652,7 +714,8 @@ class Syncer:
         self._fold_link()
         self._failures += 1
         if self._failures == 1:
-            log.warning(
+            log.log(
+                self._link_level,
                 "node %s: %s of %s failed (%s): %s; retrying with backoff, changes stay queued",
                 self.store.node_id,
                 step,
@@ -675,7 +738,8 @@ class Syncer:
 
     def _recovered(self) -> None:
         if self._failures:
-            log.info(
+            log.log(
+                logging.INFO if self._link_level == logging.WARNING else logging.DEBUG,
                 "node %s: hub %s reachable again after %d failed attempts",
                 self.store.node_id,
                 self.link.origin,
