@@ -6,7 +6,8 @@ reads the imports and keeps this true):
 1. core, no network or database (the config loaders only read their TOML files):
    ``errors``, ``clock``, ``cells``, ``codec``, ``merge``, ``protocol``, ``tiers``,
    ``regions``, ``resources``, ``config``, ``crashpoints``
-2. storage seams: ``migrations``, ``devservers``
+2. seams to the machine: ``migrations``, ``devservers``, ``scheduler`` (APScheduler),
+   ``service`` (systemd notifications, log formats)
 3. ``edge`` (SQLite store, outbox, sync client) and ``hub`` (PostgreSQL apply and feed,
    nodes, Redis cache, HTTP service) — these two never import each other
 4. ``demo``, ``cli``: on top of everything

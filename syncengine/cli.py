@@ -35,9 +35,7 @@ import contextlib
 import errno
 import json
 import logging
-import os
 import signal
-import socket
 import sqlite3
 import sys
 import time
@@ -78,9 +76,10 @@ from syncengine.migrations import (
 )
 from syncengine.regions import load_regions
 from syncengine.resources import data_dir
+from syncengine.service import LogFormat, log_formatter, notify
 from syncengine.tiers import Tier
 
-__all__ = ["STATUS_SCHEMA", "JsonLogFormatter", "cli", "config_option", "edge", "hub", "main"]
+__all__ = ["STATUS_SCHEMA", "cli", "config_option", "edge", "hub", "main"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -164,46 +163,16 @@ def _now_iso() -> str:
 # ==================================================================================== logging
 
 
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line: ``ts``, ``level``, ``logger``, ``message`` (and ``exc``)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
-
-
-class _TextFormatter(logging.Formatter):
-    """``2024-05-01T10:00:00 INFO syncengine.hub.app: message``; tracebacks only if asked.
-
-    One-shot commands already report their error as ``error:``/``hint:``; a traceback logged
-    on the way (e.g. by the database seam) is noise unless ``-v`` was given.
-    """
-
-    def __init__(self, *, tracebacks: bool) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
-        self._tracebacks = tracebacks
-
-    def format(self, record: logging.LogRecord) -> str:
-        if not self._tracebacks and (record.exc_info or record.exc_text):
-            record = logging.makeLogRecord(record.__dict__)
-            record.exc_info = None
-            record.exc_text = None
-        return super().format(record)
-
-
 class _CliHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """The stderr handler this module installs, told apart from anyone else's."""
 
 
 def _configure_logging(
-    ctx: click.Context, *, base: int = logging.WARNING, fmt: str = "text", tracebacks: bool = False
+    ctx: click.Context,
+    *,
+    base: int = logging.WARNING,
+    fmt: LogFormat = "text",
+    tracebacks: bool = False,
 ) -> None:
     """Log to stderr at ``base`` (each ``-v`` one level lower), until the command ends.
 
@@ -214,11 +183,7 @@ def _configure_logging(
     verbosity = ctx.find_root().params.get("verbose") or 0
     level = max(logging.DEBUG, base - 10 * verbosity)
     handler = _CliHandler(sys.stderr)
-    handler.setFormatter(
-        JsonLogFormatter()
-        if fmt == "json"
-        else _TextFormatter(tracebacks=tracebacks or level <= logging.INFO)
-    )
+    handler.setFormatter(log_formatter(fmt, tracebacks=tracebacks or level <= logging.INFO))
     root = logging.getLogger()
     previous = root.level
     for old in [h for h in root.handlers if isinstance(h, _CliHandler)]:
@@ -634,25 +599,6 @@ def hub() -> None:
     """The region hub: run it, and manage the edge nodes it serves."""
 
 
-def _sd_notify(state: str) -> None:
-    """Tell systemd (``Type=notify``) about ``state``, e.g. ``READY=1``, if it is listening.
-
-    The protocol is one datagram on the unix socket named by ``NOTIFY_SOCKET``; a leading
-    ``@`` names an abstract socket. Failing to notify is logged, never fatal.
-    """
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address[0] == "@":
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.connect(address)
-            sock.sendall(state.encode())
-    except OSError as exc:
-        log.warning("could not notify systemd (%s): %s", state, exc)
-
-
 async def _serve_hub(config: HubConfig) -> None:
     """Serve until SIGTERM or SIGINT, then shut down cleanly (the serving task is
     cancelled, which closes the listener, the pool and the cache)."""
@@ -661,14 +607,14 @@ async def _serve_hub(config: HubConfig) -> None:
 
     def ready() -> None:
         log.info("hub ready")
-        _sd_notify("READY=1")
+        notify("READY=1")
 
     serving = asyncio.create_task(run_hub(config, ready=ready), name="syncengine-hub")
 
     def on_signal(sig: signal.Signals) -> None:
         if not stop_signals:
             log.info("received %s; shutting down", sig.name)
-            _sd_notify("STOPPING=1")
+            notify("STOPPING=1")
         stop_signals.append(sig.name)
         serving.cancel()
 
@@ -706,7 +652,7 @@ async def _serve_hub(config: HubConfig) -> None:
     help="stderr log lines as text or as one JSON object per line.",
 )
 @click.pass_context
-def hub_run(ctx: click.Context, config_path: Path, log_format: str) -> None:
+def hub_run(ctx: click.Context, config_path: Path, log_format: LogFormat) -> None:
     """Run the region hub until SIGTERM/SIGINT (then exit 0).
 
     Migrates the database on start. With NOTIFY_SOCKET set (systemd Type=notify) it sends

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -17,9 +19,10 @@ import pytest
 from click.testing import CliRunner, Result
 
 from support.servers import free_port
-from syncengine.cli import JsonLogFormatter, cli, tier_state
+from syncengine.cli import cli, tier_state
 from syncengine.config import load_config, load_edge_config, load_hub_config
 from syncengine.edge.store import EdgeStore
+from syncengine.service import log_formatter, notify, watchdog_interval_s
 from syncengine.tiers import TierRules
 
 REPO = Path(__file__).resolve().parents[2]
@@ -415,11 +418,37 @@ def test_json_log_lines() -> None:
         ("127.0.0.1:8400",),
         None,
     )
-    line = JsonLogFormatter().format(record)
+    record.node = "lagos-clinic-12"  # what extra={"node": ...} sets
+    line = log_formatter("json", tracebacks=True).format(record)
     assert "\n" not in line
     entry = json.loads(line)
-    assert entry["level"] == "info" and entry["logger"] == "syncengine.hub.app"
+    assert entry["level"] == "INFO" and entry["logger"] == "syncengine.hub.app"
     assert entry["message"] == "listening on 127.0.0.1:8400\nnext"
+    assert entry["node"] == "lagos-clinic-12" and entry["ts"].startswith("20")
+
+
+def test_systemd_notify_sends_one_datagram(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.settimeout(2)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        assert notify("READY=1") is True
+        assert sock.recv(100) == b"READY=1"
+        monkeypatch.delenv("NOTIFY_SOCKET")
+        assert notify("READY=1") is False  # nobody listening: a no-op
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone.sock"))
+    assert notify("STOPPING=1") is False  # logged, never raised
+
+
+def test_watchdog_interval_is_half_of_what_systemd_allows() -> None:
+
+    assert watchdog_interval_s({}) is None
+    assert watchdog_interval_s({"WATCHDOG_USEC": "10000000"}) == 5.0
+    assert watchdog_interval_s({"WATCHDOG_USEC": "10000000", "WATCHDOG_PID": "1"}) is (
+        None if os.getpid() != 1 else 5.0
+    )
 
 
 # ---------------------------------------------------------------------------- example configs
