@@ -55,13 +55,13 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from syncengine.config import EdgeConfig, HubConfig, load_config, mask_url
 from syncengine.demo import run_demo
 from syncengine.edge import sqlite as edge_sqlite
-from syncengine.edge.link import HubLink
-from syncengine.edge.store import EdgeStore
+from syncengine.edge.daemon import EdgeDaemon, connect_link, open_store
 from syncengine.edge.sync import Syncer, SyncReport
 from syncengine.errors import ConfigError, MigrationError, StorageError, SyncError, ValidationError
 from syncengine.hub import db as hub_db
@@ -248,19 +248,6 @@ def load_hub(path: Path, command: str) -> HubConfig:
             detail={"file": str(path)},
         )
     return config
-
-
-def open_store(config: EdgeConfig) -> contextlib.AbstractAsyncContextManager[EdgeStore]:
-    """The node's store, opened (created and migrated if needed) with its config."""
-    return EdgeStore.open(
-        config.db,
-        node_id=config.node_id,
-        region=config.region,
-        tier_rules=config.tier_rules,
-        resolvers=config.resolvers,
-        max_record_bytes=config.max_record_bytes,
-        busy_timeout_ms=config.busy_timeout_ms,
-    )
 
 
 def _require_store_file(config: EdgeConfig) -> None:
@@ -453,20 +440,10 @@ def edge_sync(config_path: Path, now: bool, tiers: tuple[str, ...], as_json: boo
         if config.tier_policies[t].offpeak_only and not now and not region.in_offpeak(moment)
     ]
     chosen = [t for t in wanted if t not in skipped]
-    hub_url = config.hub_url or region.hub_url
-    token = config.token
-    if token is None:
-        raise ConfigError(
-            "no token configured for this node",
-            hint="Set token_file (or token) in edge.toml to the token `syncengine hub "
-            "add-node` printed.",
-        )
+    link = connect_link(config, region)  # raises before any work when no token is set
 
     async def one_round() -> SyncReport:
-        async with (
-            open_store(config) as store,
-            HubLink(hub_url, token, node_id=config.node_id) as link,
-        ):
+        async with open_store(config) as store, link:
             syncer = Syncer(store, link, subscriptions=config.subscriptions)
             return await syncer.sync_once(tiers=chosen)
 
@@ -513,6 +490,97 @@ def edge_sync(config_path: Path, now: bool, tiers: tuple[str, ...], as_json: boo
                 _report(f"{where}: {e.message} ({e.code})")
     if report is not None and not report.caught_up:
         sys.exit(1)
+
+
+async def _run_edge(config: EdgeConfig) -> None:
+    """Run the daemon until SIGTERM or SIGINT (or until it fails, which is raised)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not stop.is_set():
+            log.info("received %s; stopping", sig.name)
+        stop.set()
+
+    handled = (signal.SIGTERM, signal.SIGINT)
+    for sig in handled:
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        async with EdgeDaemon(config) as daemon:
+            waiters = {
+                asyncio.create_task(stop.wait(), name="stop-signal"),
+                asyncio.create_task(daemon.wait(), name="daemon-failure"),
+            }
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
+                waiter.cancel()
+            # A failure is raised by the daemon's close (leaving the block), not from here.
+            await asyncio.gather(*waiters, return_exceptions=True)
+    finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+
+
+@edge.command("run")
+@config_option("The node's edge.toml.")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="stderr log lines as text or as one JSON object per line.",
+)
+@click.pass_context
+def edge_run(ctx: click.Context, config_path: Path, log_format: LogFormat) -> None:
+    """Run the edge daemon until SIGTERM/SIGINT (then exit 0).
+
+    Pushes critical changes on every write (also writes of other processes on the same
+    file) and pulls critical cells live; the other tiers follow their schedules, standard
+    and archive inside the region's off-peak window. Bootstraps the subscriptions from the
+    hub's snapshot first when the store never had them. With NOTIFY_SOCKET set (systemd
+    Type=notify) it sends READY=1, WATCHDOG=1 (when WatchdogSec is set) and STOPPING=1.
+    """
+    _configure_logging(ctx, base=logging.INFO, fmt=log_format, tracebacks=True)
+    config = load_edge(config_path, "edge run")
+    log.info("starting edge daemon: %s", json.dumps(config.redacted(), default=str))
+    try:
+        run(_run_edge(config))
+    except SyncError as exc:
+        log.error("edge daemon stopped: %s (hint: %s)", exc.message, exc.hint)
+        raise
+
+
+@edge.command("bootstrap")
+@config_option("The node's edge.toml.")
+def edge_bootstrap(config_path: Path) -> None:
+    """Fetch the subscribed cells from the hub's snapshot, with a progress bar.
+
+    Resumable: run it again after an interruption and it goes on from the last page it
+    saved. `edge run` does this by itself on a new store; this command does it in the
+    foreground, e.g. while installing a machine on a good link.
+    """
+    config = load_edge(config_path, "edge bootstrap")
+    link = connect_link(config, load_regions()[config.region])
+
+    async def fetch() -> int:
+        async with open_store(config) as store, link:
+            syncer = Syncer(store, link, subscriptions=config.subscriptions)
+            columns = (
+                TextColumn("{task.description}"),
+                SpinnerColumn(),
+                TextColumn("{task.completed:,} records"),
+                TimeElapsedColumn(),
+            )
+            with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+                task = bar.add_task("bootstrap", total=None)
+
+                def progress(records: int, prefix: str) -> None:
+                    bar.update(task, completed=records, description=f"bootstrap {prefix}")
+
+                return await syncer.bootstrap(progress=progress)
+
+    records = run(fetch())
+    click.echo(f"bootstrap done: {records} records")
 
 
 # ================================================================================== migrate

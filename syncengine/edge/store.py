@@ -142,6 +142,7 @@ class EdgeStore:
         self.writes_committed = 0
         self.outbox = Outbox(self)
         self._lanes: dict[str, int] = {}  # cell -> lane, for the current tier rules
+        self._commit_listeners: list[Callable[[frozenset[int]], None]] = []
         self._task = asyncio.get_running_loop().create_task(
             self._write_loop(), name=f"syncengine-edge-writer:{path.name}"
         )
@@ -328,6 +329,14 @@ class EdgeStore:
         self._queue.put_nowait(_Write(cell, collection, key, fields, future))
         return await future
 
+    def on_commit(self, listener: Callable[[frozenset[int]], None]) -> Callable[[], None]:
+        """Call ``listener(lanes)`` on the event loop after each commit of local writes, with
+        the outbox lanes they went to (how the daemon pushes a critical write at once).
+        Returns a function that removes the listener. Writes of other processes are not
+        seen here; the daemon watches ``PRAGMA data_version`` for those."""
+        self._commit_listeners.append(listener)
+        return lambda: self._commit_listeners.remove(listener)
+
     async def run_exclusive(self, body: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
         """Run ``body(conn)`` inside its own ``BEGIN IMMEDIATE`` transaction on the write
         connection, serialized with local writes. For the outbox and sync layers."""
@@ -392,6 +401,14 @@ class EdgeStore:
         for w, hlc in zip(live, stamps, strict=True):
             if not w.future.done():
                 w.future.set_result(hlc)
+        if self._commit_listeners:
+            lanes = frozenset(self._lane_of(w.cell) for w in live)
+            for listener in list(self._commit_listeners):
+                try:
+                    listener(lanes)
+                except Exception:
+                    # A listener's bug must not stop the writer: the writes are committed.
+                    log.exception("commit listener %r failed", listener)
 
     async def _after_failure(self, exc: BaseException) -> None:
         """After an I/O error the page cache may hold pages the disk never got (fsyncgate):

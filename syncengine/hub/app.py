@@ -83,6 +83,9 @@ class Hub:
         self.started = time.time()
         # Local wake-ups for long-polls; Redis pub/sub carries them across processes.
         self._wake: dict[int, asyncio.Event] = {t.priority: asyncio.Event() for t in Tier}
+        # Set when the server shuts down: held long-polls answer at once instead of making
+        # the shutdown wait out their `wait`.
+        self._closing = False
         self.app = self._build_app()
 
     @classmethod
@@ -109,6 +112,7 @@ class Hub:
             # inflated size: a compression bomb. The codec decompresses, within its limits.
             handler_args={"auto_decompress": False},
         )
+        app.on_shutdown.append(self._release_long_polls)
         app.add_routes(
             [
                 web.post("/v1/push", self._push),
@@ -186,6 +190,10 @@ class Hub:
         token = auth[7:].strip() if auth.lower().startswith("bearer ") else None
         return await nodes.authenticate(self.pool, token)
 
+    async def _release_long_polls(self, _app: web.Application) -> None:
+        self._closing = True
+        self._local_wake(frozenset(self._wake))
+
     def _local_wake(self, tiers: frozenset[int]) -> None:
         for t in tiers:
             event = self._wake.get(t)
@@ -258,8 +266,9 @@ class Hub:
                 cache=self.cache,
             )
             remaining = deadline - time.monotonic()
-            if page.changes or remaining <= 0:
-                break
+            gone = request.transport is None or request.transport.is_closing()
+            if page.changes or remaining <= 0 or self._closing or gone:
+                break  # (an edge that hung up gets nothing: no reason to hold its slot)
             after = page.next_cursor
             # Wake on a push (local, or from another process via Redis pub/sub); re-read
             # PostgreSQL anyway every few seconds, and every second while Redis is down.
