@@ -68,7 +68,9 @@ IN_WINDOW = clock_at(dt.time(1, 0))
 OUT_OF_WINDOW = clock_at(dt.time(12, 0))
 
 
-async def until(check: Callable[[], Any], *, timeout: float, what: str, every: float = 0.01) -> float:
+async def until(
+    check: Callable[[], Any], *, timeout: float, what: str, every: float = 0.01
+) -> float:
     """Poll ``await check()`` until truthy; return the seconds it took."""
     start = time.monotonic()
     while True:
@@ -120,14 +122,14 @@ async def test_a_critical_write_leaves_at_once(tmp_path: Path, hub: Any) -> None
 async def test_a_critical_write_of_another_process_is_noticed(tmp_path: Path, hub: Any) -> None:
     token = await hub.add_node("n1")
     config = edge_config(tmp_path, hub.url, token)
-    async with running(config):
-        # A second store on the same file stands for the application's process: its commits
-        # reach the daemon only through the file (PRAGMA data_version).
-        async with EdgeStore.open(
-            config.db, node_id="n1", region="west", tier_rules=config.tier_rules
-        ) as app:
-            await app.put(ALERTS, "alarms", "from-app", {"level": "high"})
-            took = await until(at_hub(hub, ALERTS, "from-app"), timeout=5, what="the alarm")
+    # A second store on the same file stands for the application's process: its commits
+    # reach the daemon only through the file (PRAGMA data_version).
+    async with (
+        running(config),
+        EdgeStore.open(config.db, node_id="n1", region="west", tier_rules=config.tier_rules) as app,
+    ):
+        await app.put(ALERTS, "alarms", "from-app", {"level": "high"})
+        took = await until(at_hub(hub, ALERTS, "from-app"), timeout=5, what="the alarm")
     assert took < 2.0
 
 
@@ -190,9 +192,7 @@ async def test_a_critical_write_overtakes_an_archive_backlog(tmp_path: Path, hub
     archive_lane = Tier.ARCHIVE.priority
 
     async def archive_at_hub() -> int:
-        return int(
-            await pool.fetchval("SELECT count(*) FROM feed WHERE lane = $1", archive_lane)
-        )
+        return int(await pool.fetchval("SELECT count(*) FROM feed WHERE lane = $1", archive_lane))
 
     async with running(config, now=IN_WINDOW) as daemon:
         await until(lambda: _gt(archive_at_hub(), 2000), timeout=30, what="the archive push")
@@ -201,9 +201,7 @@ async def test_a_critical_write_overtakes_an_archive_backlog(tmp_path: Path, hub
         # before the alarm overtook it (the one batch already in flight may be among them).
         head_at_write = await pool.fetchval("SELECT coalesce(max(id), 0) FROM feed")
         await until(at_hub(hub, ALERTS, "urgent"), timeout=10, what="the alarm")
-        critical_id = await pool.fetchval(
-            "SELECT id FROM feed WHERE lane = 0 AND key = 'urgent'"
-        )
+        critical_id = await pool.fetchval("SELECT id FROM feed WHERE lane = 0 AND key = 'urgent'")
         overtaken_by = await pool.fetchval(
             "SELECT count(*) FROM feed WHERE lane = $1 AND id > $2 AND id < $3",
             archive_lane,
