@@ -176,7 +176,7 @@ class _Reachability:
         was, for_s = self.state, (_utcnow() - self.since).total_seconds()
         self._set(LinkState.ONLINE)
         if was is LinkState.UNKNOWN:
-            log.info("node %s: hub %s reachable", self.node_id, self.origin)
+            log.info("node %s: hub %s reachable", self.node_id, self.origin, extra=self._extra())
         else:
             log.info(
                 "node %s: hub %s reachable again after %.0f s %s; syncing, critical first",
@@ -184,6 +184,7 @@ class _Reachability:
                 self.origin,
                 for_s,
                 was.value,
+                extra=self._extra(),
             )
         self.reconnected.set()
 
@@ -199,6 +200,7 @@ class _Reachability:
             exc.code,
             exc.message,
             retry_s,
+            extra=self._extra(exc.code),
         )
 
     def refused(self, exc: SyncError) -> None:
@@ -212,7 +214,15 @@ class _Reachability:
             exc.code,
             exc.message,
             f" (hint: {exc.hint})" if exc.hint else "",
+            extra=self._extra(exc.code),
         )
+
+    def _extra(self, code: str | None = None) -> dict[str, str]:
+        """Fields of a link-state line for JSON logs (``--log-format json``)."""
+        fields = {"node": self.node_id, "event": "link", "link": self.state.value}
+        if code is not None:
+            fields["code"] = code
+        return fields
 
     def _set(self, state: LinkState) -> None:
         self.state = state
