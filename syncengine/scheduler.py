@@ -54,6 +54,7 @@ class Scheduler:
         self, timezone: ZoneInfo, *, misfire_grace_s: int = DEFAULT_MISFIRE_GRACE_S
     ) -> None:
         self.timezone = timezone
+        self._stopping = False
         self._scheduler = AsyncIOScheduler(
             timezone=timezone,
             job_defaults={
@@ -67,18 +68,23 @@ class Scheduler:
 
     def start(self) -> None:
         """Start firing jobs (must be called with the event loop running)."""
+        if self._stopping:
+            raise RuntimeError("a scheduler cannot be started again after shutdown")
         if not self._scheduler.running:
             self._scheduler.start()
 
     def shutdown(self) -> None:
         """Stop firing jobs; jobs already fired finish on their own (they only signal).
         Idempotent."""
-        if self._scheduler.running:
+        # APScheduler's asyncio shutdown runs later, on the loop: until it has, `running`
+        # stays true and a second shutdown would raise from inside the loop.
+        if self._scheduler.running and not self._stopping:
+            self._stopping = True
             self._scheduler.shutdown(wait=False)
 
     @property
     def running(self) -> bool:
-        return bool(self._scheduler.running)
+        return bool(self._scheduler.running) and not self._stopping
 
     async def __aenter__(self) -> Scheduler:
         self.start()
