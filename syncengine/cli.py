@@ -376,13 +376,21 @@ def edge_put(config_path: Path, cell: str, collection: str, key: str, json_text:
 @click.argument("key")
 @click.pass_context
 def edge_get(ctx: click.Context, config_path: Path, cell: str, collection: str, key: str) -> None:
-    """Print a record's document as JSON; exit 1 when it does not exist."""
+    """Print a record's document as JSON; exit 1 when it does not exist.
+
+    A record evicted locally (archive tiers) is fetched back from the hub; when the hub
+    cannot be reached the command says so and exits 1.
+    """
     config = load_edge(config_path, "edge get")
     _require_store_file(config)  # a mistyped `db` must not become a new, empty store
 
     async def get() -> dict[str, Any] | None:
         async with open_store(config) as store:
-            return await store.get(cell, collection, key)
+            if not await store.is_evicted(cell, collection, key):
+                return await store.get(cell, collection, key)
+            async with connect_link(config, load_regions()[config.region]) as link:
+                syncer = Syncer(store, link, subscriptions=config.subscriptions)
+                return await syncer.get(cell, collection, key)
 
     doc = run(get())
     if doc is None:

@@ -65,6 +65,7 @@ PROTOCOL_VERSION: Final = 1
 DEFAULT_MAX_BATCH_CHANGES: Final = 5000
 NODE_ID_PATTERN: Final = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}\Z")
 _MAX_SEQ: Final = (1 << 63) - 1
+_LANES: Final = 4
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -448,11 +449,16 @@ class SnapshotPage:
     the last feed entry folded into it. ``cursor`` is the feed head when the snapshot began:
     after the last page, pull from it, skipping for each record the feed entries at or
     below its ``feed_id``. ``next`` resumes the snapshot (None after the last page).
+    ``acked[lane]`` is the asking node's highest seq applied, read with the records: they
+    hold exactly that node's changes up to it.
+
+    ``GET /v1/records`` answers with the same message (one page, ``next`` nil).
     """
 
     records: list[tuple[str, str, str, bytes, int]]
     cursor: int
     next: str | None
+    acked: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
 
 
 def encode_snapshot_page(page: SnapshotPage) -> dict[str, Any]:
@@ -460,16 +466,24 @@ def encode_snapshot_page(page: SnapshotPage) -> dict[str, Any]:
         "v": PROTOCOL_VERSION,
         "cursor": page.cursor,
         "next": page.next,
+        "acked": list(page.acked),
         "records": [list(r) for r in page.records],
     }
 
 
 def decode_snapshot_page(obj: object) -> SnapshotPage:
-    msg = _only_keys(obj, frozenset({"v", "cursor", "next", "records"}), "snapshot page")
+    msg = _only_keys(obj, frozenset({"v", "cursor", "next", "acked", "records"}), "snapshot page")
     rows = msg["records"]
     nxt = msg["next"]
+    acked = msg["acked"]
     if not isinstance(rows, list) or not (nxt is None or isinstance(nxt, str)):
         raise _bad("snapshot page: 'records' must be a list and 'next' a string or nil")
+    if not (
+        isinstance(acked, list)
+        and len(acked) == _LANES
+        and all(type(a) is int and 0 <= a <= _MAX_SEQ for a in acked)
+    ):
+        raise _bad(f"snapshot page: 'acked' must be {_LANES} seqs, one per lane")
     records = []
     for row in rows:
         if not isinstance(row, list) or len(row) != 5 or not isinstance(row[3], bytes):
@@ -484,4 +498,6 @@ def decode_snapshot_page(obj: object) -> SnapshotPage:
                 _int({"feed_id": feed_id}, "feed_id", 0, _MAX_SEQ),
             )
         )
-    return SnapshotPage(records=records, cursor=_int(msg, "cursor", 0, _MAX_SEQ), next=nxt)
+    return SnapshotPage(
+        records=records, cursor=_int(msg, "cursor", 0, _MAX_SEQ), next=nxt, acked=acked
+    )

@@ -1,8 +1,8 @@
 """The link: the edge's HTTP client for its region hub (aiohttp).
 
 :class:`HubLink` speaks the sync protocol of DESIGN.md (``POST /v1/push``, ``GET /v1/pull``,
-``GET /v1/config``) and is the one place where the outside world's failures become
-syncengine errors. What a caller can see, by what it should do next:
+``GET /v1/snapshot``, ``GET /v1/records``, ``GET /v1/config``) and is the one place where
+the outside world's failures become syncengine errors. What a caller can see, by what it should do next:
 
 - :class:`LinkError` (retry): the hub could not be reached, the connection broke, the call
   timed out, or something that is not a syncengine hub answered (a captive portal, a proxy,
@@ -46,9 +46,11 @@ from syncengine.protocol import (
     PullPage,
     PushAnswer,
     PushBatch,
+    SnapshotPage,
     decode_body,
     decode_pull_page,
     decode_push_answer,
+    decode_snapshot_page,
     encode_body,
     encode_push,
 )
@@ -224,6 +226,22 @@ class HubLink:
         params.extend(("prefix", p) for p in prefixes)
         obj = await self._call("GET", "v1/pull", params=params, timeout_s=wait_s + self.timeout_s)
         return _decoded(decode_pull_page, obj, "pull page")
+
+    async def snapshot(self, *, prefix: str, after: str | None, limit: int) -> SnapshotPage:
+        """One page of the records under ``prefix``; ``after`` is the previous page's
+        ``next`` token (None for the first page)."""
+        params = [("prefix", prefix), ("limit", str(limit))]
+        if after is not None:
+            params.append(("after", after))
+        obj = await self._call("GET", "v1/snapshot", params=params, timeout_s=self.timeout_s)
+        return _decoded(decode_snapshot_page, obj, "snapshot page")
+
+    async def records(self, *, cell: str, collection: str, keys: Sequence[str]) -> SnapshotPage:
+        """The hub's state of the named records (those that exist), as a one-page snapshot."""
+        params = [("cell", cell), ("collection", collection)]
+        params.extend(("key", k) for k in keys)
+        obj = await self._call("GET", "v1/records", params=params, timeout_s=self.timeout_s)
+        return _decoded(decode_snapshot_page, obj, "records answer")
 
     async def config(self) -> dict[str, Any]:
         """The hub's edge-facing config: ``tier_rules`` (wire list), ``resolvers``,

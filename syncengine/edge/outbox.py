@@ -30,7 +30,15 @@ from syncengine.tiers import Tier
 if TYPE_CHECKING:
     from syncengine.edge.store import EdgeStore
 
-__all__ = ["DeadLetter", "LaneStatus", "Outbox", "OutboxBatch", "decode_payload", "encode_payload"]
+__all__ = [
+    "DeadLetter",
+    "LaneStatus",
+    "Outbox",
+    "OutboxBatch",
+    "decode_payload",
+    "encode_payload",
+    "queued_change",
+]
 
 DEFAULT_BATCH = 1000
 
@@ -46,6 +54,24 @@ def encode_payload(change: Change) -> bytes:
 def decode_payload(blob: bytes) -> tuple[dict[str, Any] | None, dict[str, int]]:
     raw = msgpack.unpackb(blob, raw=False)
     return raw["f"], raw.get("b", {})
+
+
+def queued_change(node: str, lane: int, row: Sequence[Any]) -> Change:
+    """The change an outbox row ``(seq, cell, collection, key, hlc, payload)`` holds, as
+    this node wrote it."""
+    seq, cell, collection, key, hlc, payload = row
+    fields, base = decode_payload(payload)
+    return Change(
+        cell=cell,
+        collection=collection,
+        key=key,
+        hlc=hlc,
+        node=node,
+        fields=fields,
+        base=base,
+        lane=lane,
+        seq=seq,
+    )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -146,22 +172,7 @@ class Outbox:
             ]
             if not rows and not skipped:
                 continue
-            changes = []
-            for seq, cell, collection, key, hlc, payload in rows:
-                fields, base = decode_payload(payload)
-                changes.append(
-                    Change(
-                        cell=cell,
-                        collection=collection,
-                        key=key,
-                        hlc=hlc,
-                        node=store.node_id,
-                        fields=fields,
-                        base=base,
-                        lane=lane,
-                        seq=seq,
-                    )
-                )
+            changes = [queued_change(store.node_id, lane, row) for row in rows]
             last = max([c.seq for c in changes] + skipped)
             return OutboxBatch(
                 lane=lane, first_seq=after + 1, last_seq=last, changes=changes, skipped=skipped
@@ -192,6 +203,16 @@ class Outbox:
                 )
             if through_seq <= acked:
                 return 0
+            if lane == Tier.ARCHIVE.priority:
+                # Archive records are evicted a while after the hub holds them: start the
+                # clock of each record whose change was just acknowledged.
+                await conn.execute(
+                    "UPDATE records SET synced_at_ms = ? FROM (SELECT cell, collection, key "
+                    "FROM outbox WHERE lane = ? AND seq > ? AND seq <= ?) AS o "
+                    "WHERE records.cell = o.cell AND records.collection = o.collection "
+                    "AND records.key = o.key",
+                    (int(time.time() * 1000), lane, acked, through_seq),
+                )
             cur = await conn.execute(
                 "DELETE FROM outbox WHERE lane = ? AND seq <= ?", (lane, through_seq)
             )

@@ -38,15 +38,16 @@ from typing import Any, Final, TypeVar
 import aiosqlite
 
 from syncengine import crashpoints
-from syncengine.cells import home_region, parse_cell
+from syncengine.cells import covers_any, home_region, parse_cell
 from syncengine.clock import DEFAULT_MAX_DRIFT_MS, HybridClock
 from syncengine.edge import sqlite as db
-from syncengine.edge.outbox import Outbox, encode_payload
+from syncengine.edge.outbox import Outbox, encode_payload, queued_change
 from syncengine.errors import (
     ClockDriftError,
     ConfigError,
     CorruptStoreError,
     ForbiddenError,
+    NotAvailableOffline,
     StorageError,
     SyncError,
 )
@@ -63,7 +64,7 @@ from syncengine.merge import (
 )
 from syncengine.migrations import migrate_sqlite
 from syncengine.resources import data_dir
-from syncengine.tiers import TierRules
+from syncengine.tiers import Retention, Tier, TierPolicy, TierRules
 
 __all__ = ["DEFAULT_MAX_RECORD_BYTES", "EdgeStore"]
 
@@ -77,8 +78,12 @@ DEFAULT_BUSY_TIMEOUT_MS: Final = 10_000
 MAX_GROUP: Final = 1024
 #: SQLite's parameter limit is 32,766; three per key in a row-value IN list.
 _KEYS_PER_QUERY: Final = 500
+#: Cells at or under a prefix, as a primary-key range (``/`` sorts just before ``0``).
+_UNDER_PREFIX: Final = "(cell = ? OR (cell >= ? || '/' AND cell < ? || '0')) AND "
 
 RecordKey = tuple[str, str, str]
+#: A record as the hub sends it: (cell, collection, key, state, feed_id).
+HubRecord = tuple[str, str, str, bytes, int]
 
 
 @dataclass(slots=True)
@@ -435,9 +440,12 @@ class EdgeStore:
 
     @staticmethod
     def _load_states(
-        conn: sqlite3.Connection, keys: Iterable[RecordKey]
+        conn: sqlite3.Connection,
+        keys: Iterable[RecordKey],
+        feed_ids: dict[RecordKey, int] | None = None,
     ) -> dict[RecordKey, RecordState]:
-        """Current states of ``keys``, read inside the caller's transaction."""
+        """Current states of ``keys``, read inside the caller's transaction; fills
+        ``feed_ids`` with the ``hub_feed_id`` of those that have one."""
         wanted = list(keys)
         states: dict[RecordKey, RecordState] = {}
         for i in range(0, len(wanted), _KEYS_PER_QUERY):
@@ -447,40 +455,45 @@ class EdgeStore:
             # A join on a VALUES list, not a row-value IN: SQLite answers the IN form with
             # a scan of the whole table, the join with one primary-key search per key.
             rows = conn.execute(
-                f"SELECT r.cell, r.collection, r.key, r.state FROM (VALUES {marks}) AS k "
+                f"SELECT r.cell, r.collection, r.key, r.state, r.hub_feed_id "
+                f"FROM (VALUES {marks}) AS k "
                 "JOIN records AS r ON r.cell = k.column1 AND r.collection = k.column2 "
                 "AND r.key = k.column3",
                 params,
             )
-            for cell, collection, key, blob in rows:
+            for cell, collection, key, blob, feed_id in rows:
                 states[(cell, collection, key)] = RecordState.from_bytes(blob)
+                if feed_id is not None and feed_ids is not None:
+                    feed_ids[(cell, collection, key)] = feed_id
         return states
 
     @staticmethod
+    def _evicted_among(conn: sqlite3.Connection, keys: Iterable[RecordKey]) -> set[RecordKey]:
+        """Which of ``keys`` were evicted (one cheap probe when nothing is)."""
+        if conn.execute("SELECT 1 FROM evicted LIMIT 1").fetchone() is None:
+            return set()
+        return _keys_in(conn, "evicted", keys)
+
+    @staticmethod
     def _write_records(
-        conn: sqlite3.Connection, touched: Mapping[RecordKey, RecordState], now_ms: int
+        conn: sqlite3.Connection,
+        touched: Mapping[RecordKey, RecordState],
+        now_ms: int,
+        *,
+        from_hub: bool,
     ) -> None:
+        """Upsert ``touched``. ``from_hub``: the states came from the hub (a pull), which
+        therefore holds them (``synced_at_ms``); a local write clears that mark."""
+        synced = now_ms if from_hub else None
         rows = []
-        for (cell, collection, key), state in touched.items():
-            doc = state.document()
-            rows.append(
-                (
-                    cell,
-                    collection,
-                    key,
-                    document_json(doc) if doc else None,
-                    state.to_bytes(),
-                    state.max_hlc,
-                    0 if doc else 1,
-                    now_ms,
-                )
-            )
+        for rk, state in touched.items():
+            rows.append((*_record_row(rk, state, now_ms), synced))
         conn.executemany(
-            "INSERT INTO records (cell, collection, key, doc, state, hlc, deleted, updated_at_ms) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            "INSERT INTO records (cell, collection, key, doc, state, hlc, deleted, updated_at_ms, "
+            "synced_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (cell, collection, key) DO UPDATE SET doc = excluded.doc, "
             "state = excluded.state, hlc = excluded.hlc, deleted = excluded.deleted, "
-            "updated_at_ms = excluded.updated_at_ms",
+            "updated_at_ms = excluded.updated_at_ms, synced_at_ms = excluded.synced_at_ms",
             rows,
         )
 
@@ -543,7 +556,7 @@ class EdgeStore:
                 (lane, seq, w.cell, w.collection, w.key, hlc, encode_payload(change), now_ms)
             )
             stamps.append(hlc)
-        self._write_records(conn, touched, now_ms)
+        self._write_records(conn, touched, now_ms, from_hub=False)
         crashpoints.crashpoint("edge.groupcommit.mid")
         conn.executemany(
             "INSERT INTO outbox (lane, seq, cell, collection, key, hlc, payload, created_at_ms) "
@@ -560,32 +573,45 @@ class EdgeStore:
 
     # -- changes from the hub -----------------------------------------------------------------
 
+    async def _run_on_thread(self, body: Callable[..., T], *args: Any) -> T:
+        """Run ``body(conn, *args)`` in one transaction on the write connection's thread,
+        serialized with local writes."""
+        if self._closed:
+            raise StorageError("the store is closed", code="store_closed")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+
+        async def job() -> T:
+            return await db.run_transaction(self._writer, self.path, body, *args)
+
+        self._queue.put_nowait(_Job(job, future, in_transaction=False))
+        return await future
+
     async def apply_remote(
-        self, changes: Sequence[Change], *, cursor: int, cursor_name: str = "pull"
+        self,
+        changes: Sequence[Change],
+        *,
+        cursor: int,
+        cursor_name: str = "pull",
+        ids: Sequence[int] | None = None,
     ) -> int:
         """Merge a page of changes pulled from the hub and move the named pull cursor to
         ``cursor``, in one transaction. Returns how many changes were applied.
 
         A page whose cursor is behind the stored one (a stale or repeated page) changes
-        nothing. This node's own changes are skipped: they were applied when written.
+        nothing. Skipped: this node's own changes (applied when written), changes of
+        evicted records (the hub holds them; a read fetches the whole record back) and,
+        given the feed ``ids`` of the changes, those a snapshot already folded into a
+        record (at or below its ``hub_feed_id``).
         """
-
-        if self._closed:
-            raise StorageError("the store is closed", code="store_closed")
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-
-        async def job() -> int:
-            return await db.run_transaction(
-                self._writer, self.path, self._apply_tx, changes, cursor_name, cursor
-            )
-
-        self._queue.put_nowait(_Job(job, future, in_transaction=False))
-        return await future
+        if ids is not None and len(ids) != len(changes):
+            raise ValueError(f"{len(ids)} feed ids for {len(changes)} changes")
+        return await self._run_on_thread(self._apply_tx, changes, ids, cursor_name, cursor)
 
     def _apply_tx(
         self,
         conn: sqlite3.Connection,
         changes: Sequence[Change],
+        ids: Sequence[int] | None,
         cursor_name: str,
         cursor: int,
     ) -> int:
@@ -594,15 +620,26 @@ class EdgeStore:
         if row is not None and row[0] >= cursor:
             return 0
         _, first_seq = self._sync_clock(conn)
-        todo = [c for c in changes if not self._is_own(c, first_seq)]
-        states = self._load_states(conn, {(c.cell, c.collection, c.key) for c in todo})
+        theirs = [
+            (c, ids[i] if ids is not None else None)
+            for i, c in enumerate(changes)
+            if not self._is_own(c, first_seq)
+        ]
+        keys = {(c.cell, c.collection, c.key) for c, _ in theirs}
+        feed_ids: dict[RecordKey, int] = {}
+        states = self._load_states(conn, keys, feed_ids)
+        evicted = self._evicted_among(conn, keys)
         touched: dict[RecordKey, RecordState] = {}
-        for c in todo:
+        applied = 0
+        for c, feed_id in theirs:
             rk = (c.cell, c.collection, c.key)
+            if rk in evicted or (feed_id is not None and feed_id <= feed_ids.get(rk, -1)):
+                continue
             state = apply_change(states.get(rk), c, self.resolver_for(c.collection)).state
             states[rk] = touched[rk] = state
+            applied += 1
             self._observe(c.hlc)
-        self._write_records(conn, touched, _now_ms())
+        self._write_records(conn, touched, _now_ms(), from_hub=True)
         conn.execute(
             "INSERT INTO cursors (name, value) VALUES (?, ?) "
             "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
@@ -610,7 +647,7 @@ class EdgeStore:
         )
         self._save_clock(conn)
         crashpoints.crashpoint("pull.after_apply_before_commit")
-        return len(todo)
+        return applied
 
     def _is_own(self, change: Change, first_seq: Mapping[int, int]) -> bool:
         # Own changes issued by this file are already applied; ones from before it (a rebuilt
@@ -630,6 +667,270 @@ class EdgeStore:
         """The stored pull cursor (0 before the first pull)."""
         rows = await self._read("SELECT value FROM cursors WHERE name = ?", (name,))
         return int(rows[0][0]) if rows else 0
+
+    # -- records from the hub's snapshot: bootstrap and read-back ------------------------------
+
+    async def adopt(
+        self,
+        records: Sequence[HubRecord],
+        acked: Sequence[int],
+        *,
+        bootstrap: Mapping[str, Any] | None = None,
+        unevict: Sequence[RecordKey] = (),
+    ) -> int:
+        """Take the hub's state of ``records`` — ``(cell, collection, key, state, feed_id)``
+        from a snapshot page or a read-back — in one transaction; return how many.
+
+        Each record becomes the hub's state with this node's queued changes the hub does not
+        hold yet (seq above ``acked[lane]``, read by the hub with the records) applied on
+        top: nothing queued is lost, nothing the hub holds is counted twice. Its
+        ``hub_feed_id`` makes later pulls skip the feed entries already folded in, and an
+        evicted record is local again.
+
+        When the hub already holds more seqs of a lane than this store ever issued (the
+        store was lost and this file is new), the lane's queued changes are renumbered
+        after the hub's: the hub would otherwise take them for replays and drop them.
+
+        ``bootstrap`` is saved as the bootstrap's progress in the same transaction, so an
+        interrupted bootstrap resumes after the last page it kept. ``unevict`` names records
+        asked for that are local again even if the hub sent nothing of them.
+        """
+        if len(acked) != len(Tier):
+            raise ValueError(f"acked needs one seq per lane, got {len(acked)}")
+        progress = None if bootstrap is None else json.dumps(dict(bootstrap))
+        return await self._run_on_thread(self._adopt_tx, records, list(acked), progress, unevict)
+
+    def _adopt_tx(
+        self,
+        conn: sqlite3.Connection,
+        records: Sequence[HubRecord],
+        acked: list[int],
+        progress: str | None,
+        unevict: Sequence[RecordKey] = (),
+    ) -> int:
+        self._follow_hub_seqs(conn, acked)
+        keys = [(cell, coll, key) for cell, coll, key, _, _ in records]
+        queued: dict[RecordKey, list[Change]] = {}
+        for lane, seq, cell, coll, key, hlc, payload in _rows_for_keys(
+            conn,
+            "SELECT o.lane, o.seq, o.cell, o.collection, o.key, o.hlc, o.payload FROM outbox AS o",
+            "o",
+            keys,
+        ):
+            if seq > acked[lane]:
+                queued.setdefault((cell, coll, key), []).append(
+                    queued_change(self.node_id, lane, (seq, cell, coll, key, hlc, payload))
+                )
+        now_ms = _now_ms()
+        rows = []
+        for (_, coll, _, blob, feed_id), rk in zip(records, keys, strict=True):
+            state = RecordState.from_bytes(blob)
+            self._observe(state.max_hlc)
+            resolver = self.resolver_for(coll)
+            for change in queued.get(rk, ()):
+                state = apply_change(state, change, resolver).state
+            rows.append((*_record_row(rk, state, now_ms), feed_id, now_ms))
+        conn.executemany(
+            "INSERT INTO records (cell, collection, key, doc, state, hlc, deleted, updated_at_ms, "
+            "hub_feed_id, synced_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (cell, collection, key) DO UPDATE SET doc = excluded.doc, "
+            "state = excluded.state, hlc = excluded.hlc, deleted = excluded.deleted, "
+            "updated_at_ms = excluded.updated_at_ms, hub_feed_id = excluded.hub_feed_id, "
+            "synced_at_ms = excluded.synced_at_ms",
+            rows,
+        )
+        conn.executemany(
+            "DELETE FROM evicted WHERE cell = ? AND collection = ? AND key = ?",
+            [*keys, *unevict],
+        )
+        if progress is not None:
+            _set_meta(conn, "bootstrap", progress)
+        self._save_clock(conn)
+        crashpoints.crashpoint("bootstrap.after_page_before_commit")
+        return len(rows)
+
+    def _follow_hub_seqs(self, conn: sqlite3.Connection, acked: Sequence[int]) -> None:
+        """Renumber a lane's queued changes after the hub's acknowledged seq when the hub
+        holds seqs this file never issued (a lost store replaced by a new file)."""
+        for lane, next_seq, acked_seq in list(
+            conn.execute("SELECT lane, next_seq, acked_seq FROM lanes")
+        ):
+            hub = acked[lane]
+            if next_seq - 1 >= hub:
+                continue
+            shift = hub - acked_seq
+            # Two steps through a range no seq uses: a one-step shift could collide with a
+            # row not yet moved (SQLite checks the primary key row by row).
+            far = 1 << 50
+            for table in ("outbox", "dead_letters"):
+                conn.execute(f"UPDATE {table} SET seq = seq + ? WHERE lane = ?", (far, lane))
+                conn.execute(
+                    f"UPDATE {table} SET seq = seq - ? WHERE lane = ?", (far - shift, lane)
+                )
+            conn.execute(
+                "UPDATE lanes SET next_seq = next_seq + ?, acked_seq = ?, first_seq = ? "
+                "WHERE lane = ?",
+                (shift, hub, hub + 1, lane),
+            )
+            log.warning(
+                "node %s lane %s: the hub already holds seqs up to %d from an earlier store of "
+                "this node; %d queued changes of this file follow them",
+                self.node_id,
+                Tier.from_priority(lane),
+                hub,
+                next_seq - 1 - acked_seq,
+            )
+
+    async def needs_bootstrap(self, subscriptions: Iterable[str]) -> bool:
+        """Whether some subscribed prefix was never fetched through the snapshot (a new
+        store, a newly added subscription) or a bootstrap was interrupted."""
+        meta = await self._meta("bootstrap", "bootstrapped")
+        if meta.get("bootstrap") is not None:
+            return True
+        done = json.loads(meta.get("bootstrapped") or "[]")
+        return any(not covers_any(done, p) for p in subscriptions)
+
+    async def bootstrap_progress(self) -> dict[str, Any] | None:
+        """The saved progress of an unfinished bootstrap (see :meth:`adopt`), or None."""
+        raw = (await self._meta("bootstrap")).get("bootstrap")
+        return None if raw is None else dict(json.loads(raw))
+
+    async def bootstrapped(self) -> list[str]:
+        """The prefixes fetched through the snapshot so far."""
+        return list(json.loads((await self._meta("bootstrapped")).get("bootstrapped") or "[]"))
+
+    async def start_bootstrap(self, progress: Mapping[str, Any]) -> None:
+        """Mark a bootstrap as begun (pulls wait until it is finished)."""
+
+        def body(conn: sqlite3.Connection) -> None:
+            _set_meta(conn, "bootstrap", json.dumps(dict(progress)))
+
+        await self._run_on_thread(body)
+
+    async def finish_bootstrap(self, prefixes: Iterable[str], cursor: int | None) -> None:
+        """Record ``prefixes`` as bootstrapped and place the pull cursors.
+
+        A tier never pulled gets ``cursor`` (the feed head when the snapshot began): the
+        snapshot holds everything before it. A tier already pulled keeps its cursor, which
+        is at or behind it (pulls wait for a bootstrap), so the older subscriptions miss
+        nothing; the new prefix's entries in between are skipped record by record through
+        ``hub_feed_id``.
+        """
+        wanted = list(prefixes)
+
+        def body(conn: sqlite3.Connection) -> None:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'bootstrapped'").fetchone()
+            done = json.loads(row[0]) if row is not None else []
+            done = sorted({*done, *wanted})
+            _set_meta(conn, "bootstrapped", json.dumps(done))
+            conn.execute("DELETE FROM meta WHERE key = 'bootstrap'")
+            if cursor is not None:
+                conn.executemany(
+                    "INSERT INTO cursors (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+                    [(f"pull:{t.value}", cursor) for t in Tier],
+                )
+
+        await self._run_on_thread(body)
+
+    # -- archive eviction ---------------------------------------------------------------------
+
+    async def evict(
+        self,
+        *,
+        now_ms: int | None = None,
+        policies: Mapping[Tier, TierPolicy],
+        chunk: int = 2000,
+    ) -> int:
+        """Drop the local copies of records of ``evict``-retention tiers that the hub has
+        held for the tier's ``evict_after_s``; return how many were dropped.
+
+        A record with a change still queued is never evicted. An evicted record is listed
+        in ``evicted``: reading it raises :class:`NotAvailableOffline` here (a
+        :class:`~syncengine.edge.sync.Syncer` fetches it back), pulls leave it alone, and a
+        read-back or a snapshot makes it local again. Works in chunks of ``chunk`` records,
+        each its own short transaction, so writers are never held up for long.
+        """
+        now = _now_ms() if now_ms is None else now_ms
+        cutoffs = {
+            tier: now - (p.evict_after_s or 0) * 1000
+            for tier, p in policies.items()
+            if p.retention is Retention.EVICT
+        }
+        if not cutoffs:
+            return 0
+        rules = self.tier_rules
+        if rules.default in cutoffs:
+            prefixes = [""]
+        else:
+            prefixes = [r.prefix for r in rules if r.tier in cutoffs]
+        latest = max(cutoffs.values())
+        total = 0
+        for prefix in prefixes:
+            after: RecordKey = ("", "", "")
+            while True:
+                where, params = ("", []) if not prefix else (_UNDER_PREFIX, [prefix] * 3)
+                rows = await self._read(
+                    "SELECT cell, collection, key, synced_at_ms FROM records "
+                    f"WHERE {where}(cell, collection, key) > (?, ?, ?) "
+                    "ORDER BY cell, collection, key LIMIT ?",
+                    (*params, *after, chunk),
+                )
+                if not rows:
+                    break
+                after = (rows[-1][0], rows[-1][1], rows[-1][2])
+                due = [
+                    (cell, coll, key)
+                    for cell, coll, key, synced in rows
+                    if synced is not None
+                    and synced <= latest
+                    and synced <= cutoffs.get(rules.tier_for(cell), -1)
+                ]
+                if due:
+                    total += await self._run_on_thread(self._evict_tx, due, cutoffs, now)
+                if len(rows) < chunk:
+                    break
+        return total
+
+    def _evict_tx(
+        self,
+        conn: sqlite3.Connection,
+        due: Sequence[RecordKey],
+        cutoffs: Mapping[Tier, int],
+        now_ms: int,
+    ) -> int:
+        queued = {
+            tuple(r)
+            for r in _rows_for_keys(
+                conn, "SELECT o.cell, o.collection, o.key FROM outbox AS o", "o", due
+            )
+        }
+        gone = []
+        for rk in due:
+            if rk in queued:
+                continue
+            # Read again under the write lock: a write since the scan clears synced_at_ms.
+            row = conn.execute(
+                "SELECT synced_at_ms FROM records WHERE cell = ? AND collection = ? AND key = ?",
+                rk,
+            ).fetchone()
+            tier = self.tier_rules.tier_for(rk[0])
+            if row is None or row[0] is None or row[0] > cutoffs.get(tier, -1):
+                continue
+            gone.append(rk)
+        conn.executemany(
+            "INSERT INTO evicted (cell, collection, key, evicted_at_ms) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT DO UPDATE SET evicted_at_ms = excluded.evicted_at_ms",
+            [(*rk, now_ms) for rk in gone],
+        )
+        conn.executemany("DELETE FROM records WHERE cell = ? AND collection = ? AND key = ?", gone)
+        return len(gone)
+
+    async def is_evicted(self, cell: str, collection: str, key: str) -> bool:
+        rows = await self._read(
+            "SELECT 1 FROM evicted WHERE cell = ? AND collection = ? AND key = ?",
+            (cell, collection, key),
+        )
+        return bool(rows)
 
     async def save_learnt_rules(
         self, tier_rules: TierRules, resolvers: Mapping[str, str] | None = None
@@ -657,6 +958,11 @@ class EdgeStore:
 
     # -- reads --------------------------------------------------------------------------------
 
+    async def _meta(self, *keys: str) -> dict[str, str]:
+        marks = ",".join("?" for _ in keys)
+        rows = await self._read(f"SELECT key, value FROM meta WHERE key IN ({marks})", keys)
+        return {k: v for k, v in rows}
+
     async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         try:
             return list(await self._reader.execute_fetchall(sql, params))
@@ -667,12 +973,22 @@ class EdgeStore:
         """The record's document, or None when it does not exist or is deleted."""
         self._validate_target(cell, collection, key)
         rows = await self._read(
-            "SELECT doc FROM records WHERE cell = ? AND collection = ? AND key = ?",
+            "SELECT (SELECT doc FROM records WHERE cell = ?1 AND collection = ?2 AND key = ?3), "
+            "EXISTS (SELECT 1 FROM evicted WHERE cell = ?1 AND collection = ?2 AND key = ?3)",
             (cell, collection, key),
         )
-        if not rows or rows[0][0] is None:
+        doc_json, evicted = rows[0]
+        if evicted:
+            raise NotAvailableOffline(
+                f"record {cell} {collection}/{key} was evicted locally (its tier keeps only "
+                "recent copies); the hub holds it",
+                hint="Read it through the daemon or `syncengine edge get`, which fetch it back "
+                "from the hub when it is reachable.",
+                detail={"cell": cell, "collection": collection, "key": key},
+            )
+        if doc_json is None:
             return None
-        doc: dict[str, Any] = json.loads(rows[0][0])
+        doc: dict[str, Any] = json.loads(doc_json)
         return doc
 
     async def get_state(self, cell: str, collection: str, key: str) -> RecordState | None:
@@ -709,6 +1025,53 @@ class EdgeStore:
         """``PRAGMA integrity_check``: ``"ok"`` or SQLite's description of the damage."""
         rows = await self._read("PRAGMA integrity_check")
         return "; ".join(str(r[0]) for r in rows)
+
+
+def _record_row(rk: RecordKey, state: RecordState, now_ms: int) -> tuple[Any, ...]:
+    """The leading columns of a ``records`` row: cell, collection, key, doc, state, hlc,
+    deleted, updated_at_ms."""
+    doc = state.document()
+    return (
+        *rk,
+        document_json(doc) if doc else None,
+        state.to_bytes(),
+        state.max_hlc,
+        0 if doc else 1,
+        now_ms,
+    )
+
+
+def _set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (key, value),
+    )
+
+
+def _rows_for_keys(
+    conn: sqlite3.Connection, select: str, alias: str, keys: Iterable[RecordKey]
+) -> Iterable[Any]:
+    """``select`` (from a table aliased ``alias`` with cell, collection, key columns)
+    restricted to ``keys``, by a join on a VALUES list in chunks."""
+    wanted = list(keys)
+    for i in range(0, len(wanted), _KEYS_PER_QUERY):
+        chunk = wanted[i : i + _KEYS_PER_QUERY]
+        marks = ",".join("(?,?,?)" for _ in chunk)
+        yield from conn.execute(
+            f"{select} JOIN (VALUES {marks}) AS k ON {alias}.cell = k.column1 "
+            f"AND {alias}.collection = k.column2 AND {alias}.key = k.column3",
+            [v for k in chunk for v in k],
+        )
+
+
+def _keys_in(conn: sqlite3.Connection, table: str, keys: Iterable[RecordKey]) -> set[RecordKey]:
+    return {
+        (cell, coll, key)
+        for cell, coll, key in _rows_for_keys(
+            conn, f"SELECT t.cell, t.collection, t.key FROM {table} AS t", "t", keys
+        )
+    }
 
 
 def _seen(state: RecordState, names: Iterable[str]) -> Iterable[tuple[str, int]]:

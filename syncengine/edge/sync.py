@@ -34,10 +34,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from syncengine import crashpoints
-from syncengine.cells import parse_prefix
+from syncengine.cells import covers, covers_any, parse_prefix
 from syncengine.clock import hlc_millis
 from syncengine.edge.link import INVALID_RESPONSE, HubLink
 from syncengine.edge.outbox import OutboxBatch
@@ -47,6 +47,7 @@ from syncengine.errors import (
     ClockDriftError,
     DecodeError,
     InvalidInputError,
+    NotAvailableOffline,
     PermissionDeniedError,
     RetryableError,
     SequenceError,
@@ -54,7 +55,7 @@ from syncengine.errors import (
     ValidationError,
 )
 from syncengine.merge import RESOLVERS
-from syncengine.protocol import DEFAULT_MAX_BATCH_CHANGES
+from syncengine.protocol import DEFAULT_MAX_BATCH_CHANGES, SnapshotPage
 from syncengine.tiers import Tier, TierRules
 
 __all__ = [
@@ -360,6 +361,7 @@ class Syncer:
             if pull_sizer is not None
             else BatchSizer(start=DEFAULT_PULL_PAGE, ceiling=MAX_PULL_LIMIT)
         )
+        self.snapshot_sizer = BatchSizer(start=DEFAULT_PULL_PAGE, ceiling=MAX_PULL_LIMIT)
         self.backoff = backoff if backoff is not None else Backoff()
         self.attempts = attempts
         self._sleep = sleep
@@ -568,6 +570,12 @@ class Syncer:
         applied = 0
         attempt = 0
         async with self._pull_locks[tier]:
+            if await self.store.bootstrap_progress() is not None:
+                raise SequenceError(
+                    "a bootstrap of this store is unfinished; the feed is pulled after it",
+                    hint="Run `syncengine edge bootstrap` (the daemon finishes it by itself).",
+                    code="bootstrap_incomplete",
+                )
             while True:
                 after = await self.store.cursor(name)
                 try:
@@ -594,7 +602,7 @@ class Syncer:
                         detail={"after": after, "next": page.next_cursor},
                     )
                 done = await self.store.apply_remote(
-                    page.changes, cursor=page.next_cursor, cursor_name=name
+                    page.changes, cursor=page.next_cursor, cursor_name=name, ids=page.ids
                 )
                 applied += done
                 tally.pulled[tier] += done
@@ -604,6 +612,115 @@ class Syncer:
                 if not page.more:
                     return applied
                 wait_s = 0.0  # the long-poll was for the first page only
+
+    # -- bootstrap and read-back ----------------------------------------------------------------
+
+    async def bootstrap(self, *, progress: Callable[[int, str], None] | None = None) -> int:
+        """Fetch every subscribed prefix not fetched before through the hub's snapshot;
+        return how many records were taken (0 when there was nothing to do).
+
+        Each page is merged with the store (queued local changes stay on top; see
+        :meth:`EdgeStore.adopt`) and saved with the bootstrap's progress in one
+        transaction, so an interrupted bootstrap — a crash, a cut link, SIGTERM — resumes
+        after the last page it kept, and calling this again when done does nothing. Pages
+        adapt in size like pulls; transient errors are retried with backoff ``attempts``
+        times per page, then raised (the progress stays). Feed pulls wait until it is done
+        and then continue from the snapshot's cursor. ``progress(records, prefix)`` is
+        called after every page.
+        """
+        store = self.store
+        async with contextlib.AsyncExitStack() as stack:
+            for lock in self._pull_locks.values():
+                await stack.enter_async_context(lock)
+            saved = await store.bootstrap_progress()
+            before = await store.bootstrapped()
+            wanted = [p for p in self.subscriptions if not covers_any(before, p)]
+            wanted = [p for p in wanted if not any(q != p and covers(q, p) for q in wanted)]
+            if saved is None and not wanted:
+                return 0
+            state: dict[str, Any] = saved or {
+                "done": [],
+                "prefix": None,
+                "after": None,
+                "cursor": None,
+                "records": 0,
+            }
+            if saved is None:
+                await store.start_bootstrap(state)
+            total = taken = int(state["records"])
+            for prefix in wanted:
+                if prefix in state["done"]:
+                    continue
+                after = state["after"] if state["prefix"] == prefix else None
+                while True:
+                    page = await self._snapshot_page(prefix, after)
+                    total += len(page.records)
+                    cursor = state["cursor"]
+                    state = {
+                        "done": state["done"] + ([prefix] if page.next is None else []),
+                        "prefix": prefix,
+                        "after": page.next,
+                        "cursor": page.cursor if cursor is None else min(cursor, page.cursor),
+                        "records": total,
+                    }
+                    await store.adopt(page.records, page.acked, bootstrap=state)
+                    crashpoints.crashpoint("bootstrap.after_page_commit")
+                    self.snapshot_sizer.success(len(page.records))
+                    if progress is not None:
+                        progress(total, prefix)
+                    if page.next is None:
+                        break
+                    after = page.next
+            await store.finish_bootstrap({*state["done"], *wanted}, state["cursor"])
+        log.info(
+            "node %s: bootstrapped %s: %d records (%d in this run)",
+            store.node_id,
+            ", ".join(wanted) or "(resumed)",
+            total,
+            total - taken,
+        )
+        return total
+
+    async def _snapshot_page(self, prefix: str, after: str | None) -> SnapshotPage:
+        attempt = 0
+        while True:
+            try:
+                page = await self.link.snapshot(
+                    prefix=prefix, after=after, limit=self.snapshot_sizer.size
+                )
+            except SyncError as exc:
+                if not is_transient(exc):
+                    raise
+                self.snapshot_sizer.failure()
+                await self._pause(exc, attempt, "bootstrap", prefix)
+                attempt += 1
+                continue
+            self._recovered()
+            self._fold_link()
+            return page
+
+    async def get(self, cell: str, collection: str, key: str) -> dict[str, Any] | None:
+        """The record's document, read through to the hub when it was evicted locally.
+
+        Like :meth:`EdgeStore.get`, except that an evicted record is fetched back from the
+        hub and kept locally again. Raises :class:`NotAvailableOffline` when it was evicted
+        and the hub cannot be reached.
+        """
+        try:
+            return await self.store.get(cell, collection, key)
+        except NotAvailableOffline as evicted:
+            try:
+                page = await self.link.records(cell=cell, collection=collection, keys=[key])
+            except SyncError as exc:
+                if not is_transient(exc):
+                    raise
+                raise NotAvailableOffline(
+                    f"{evicted.message}, and the hub cannot be reached: {exc.message}",
+                    detail={**evicted.detail, "cause": exc.code},
+                ) from None
+        self._fold_link()
+        await self.store.adopt(page.records, page.acked, unevict=[(cell, collection, key)])
+        return await self.store.get(cell, collection, key)
 
     # -- a round ------------------------------------------------------------------------------
 
@@ -708,7 +825,7 @@ class Syncer:
                     f" of {tier}" if tier else "",
                 )
 
-    async def _pause(self, exc: SyncError, attempt: int, step: str, tier: Tier) -> None:
+    async def _pause(self, exc: SyncError, attempt: int, step: str, tier: str) -> None:
         """After transient failure number ``attempt`` (0-based) of one request: raise it when
         the attempts are used up, else sleep the backoff."""
         self._fold_link()

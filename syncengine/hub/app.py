@@ -5,6 +5,7 @@ Routes::
     POST /v1/push      apply a batch of one node lane (msgpack, zstd optional)
     GET  /v1/pull      changes after a cursor for one tier and the node's prefixes; long-poll
     GET  /v1/snapshot  a granted cell prefix's records, page by page (resumable)
+    GET  /v1/records   named records of one cell and collection (an edge reading back evicted ones)
     GET  /v1/config    tier rules, resolvers and limits for edges
     GET  /v1/status    what `syncengine status` shows (JSON)
     GET  /healthz      the process is up
@@ -32,6 +33,7 @@ import asyncpg
 from aiohttp import web
 
 from syncengine import crashpoints
+from syncengine.cells import parse_cell
 from syncengine.clock import HybridClock
 from syncengine.codec import Limits
 from syncengine.config import HubConfig
@@ -44,6 +46,7 @@ from syncengine.errors import (
 from syncengine.hub import db, feed, nodes, push, snapshot
 from syncengine.hub.cache import Cache
 from syncengine.hub.metrics import HubMetrics
+from syncengine.merge import validate_collection, validate_key
 from syncengine.protocol import (
     PROTOCOL_VERSION,
     decode_body,
@@ -62,6 +65,8 @@ log = logging.getLogger(__name__)
 MSGPACK: Final = "application/msgpack"
 MAX_PULL_LIMIT: Final = 5000
 MAX_WAIT_S: Final = 60.0
+#: Most records one ``GET /v1/records`` names.
+MAX_RECORD_KEYS: Final = 500
 #: With Redis down, a long-poll re-reads PostgreSQL this often instead of waiting for pub/sub.
 POLL_FALLBACK_S: Final = 1.0
 #: Even with pub/sub healthy, a long-poll re-reads this often, bounding a lost wake-up.
@@ -118,6 +123,7 @@ class Hub:
                 web.post("/v1/push", self._push),
                 web.get("/v1/pull", self._pull),
                 web.get("/v1/snapshot", self._snapshot),
+                web.get("/v1/records", self._records),
                 web.get("/v1/config", self._config),
                 web.get("/v1/status", self._status),
                 web.get("/healthz", self._healthz),
@@ -284,9 +290,27 @@ class Hub:
         (prefix,) = nodes.check_readable(node, self.config.region, [q.get("prefix", "")])
         page = await snapshot.read_snapshot_page(
             self.pool,
+            node_id=node.node_id,
             prefix=prefix,
             after=q.get("after") or None,
             limit=_int_param(q, "limit", 1000, 1, MAX_PULL_LIMIT),
+        )
+        return self._msgpack_response(request, encode_snapshot_page(page))
+
+    async def _records(self, request: web.Request) -> web.Response:
+        node = await self._node(request)
+        q = request.query
+        (cell,) = nodes.check_readable(node, self.config.region, [parse_cell(q.get("cell", ""))])
+        collection = validate_collection(q.get("collection", ""))
+        keys = [validate_key(k) for k in q.getall("key", [])]
+        if not 1 <= len(keys) <= MAX_RECORD_KEYS:
+            raise InvalidInputError(
+                f"ask for 1 to {MAX_RECORD_KEYS} records ('key' parameters), not {len(keys)}",
+                code="invalid_value",
+                detail={"field": "key"},
+            )
+        page = await snapshot.read_records(
+            self.pool, node_id=node.node_id, cell=cell, collection=collection, keys=keys
         )
         return self._msgpack_response(request, encode_snapshot_page(page))
 

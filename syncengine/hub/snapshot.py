@@ -1,4 +1,5 @@
-"""Snapshots: a new or rebuilt edge bootstraps a cell prefix page by page.
+"""Snapshots: a new or rebuilt edge bootstraps a cell prefix page by page, and reads back
+records it evicted.
 
 Pages are keyset-paginated on ``(cell, collection, key)``, so an interrupted bootstrap
 resumes where it stopped (the edge keeps the ``next`` token) and no page costs more than
@@ -7,12 +8,17 @@ pull from after the last page. Pages are read at different moments, so a record 
 already include feed entries after that cursor; each record carries its ``feed_id`` so the
 edge can skip exactly those when it pulls (which keeps ``counter`` collections exact).
 Tombstones are included: replicas hold byte-identical state, deleted records too.
+
+Every page also carries the asking node's acknowledged seq per lane, read in the same
+database snapshot as the records: the records hold exactly the node's changes up to those
+seqs, so the edge re-applies on top only its queued changes above them (never one twice).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Sequence
 
 import asyncpg
 import msgpack
@@ -21,8 +27,9 @@ from syncengine import crashpoints
 from syncengine.errors import InvalidInputError
 from syncengine.hub.db import translated
 from syncengine.protocol import SnapshotPage
+from syncengine.tiers import Tier
 
-__all__ = ["read_snapshot_page"]
+__all__ = ["read_records", "read_snapshot_page"]
 
 _PAGE_SQL = (
     "SELECT cell, collection, key, state, feed_id FROM records "
@@ -30,6 +37,13 @@ _PAGE_SQL = (
     "AND (cell, collection, key) > ($2, $3, $4) "
     "ORDER BY cell, collection, key LIMIT $5"
 )
+_RECORDS_SQL = (
+    "SELECT cell, collection, key, state, feed_id FROM records "
+    "WHERE cell = $1 AND collection = $2 AND key = ANY($3::text[]) ORDER BY key"
+)
+_ACKED_SQL = "SELECT lane, acked_seq FROM node_lanes WHERE node_id = $1"
+
+Row = tuple[str, str, str, bytes, int]
 
 
 def _token(cursor: int, last: tuple[str, str, str]) -> str:
@@ -52,20 +66,49 @@ def _untoken(token: str) -> tuple[int, tuple[str, str, str]]:
     return cursor, (cell, coll, key)
 
 
+async def _acked(conn: asyncpg.Connection, node_id: str) -> list[int]:
+    acked = [0] * len(Tier)
+    for r in await conn.fetch(_ACKED_SQL, node_id):
+        acked[r["lane"]] = r["acked_seq"]
+    return acked
+
+
+def _rows(rows: Sequence[asyncpg.Record]) -> list[Row]:
+    return [(r["cell"], r["collection"], r["key"], bytes(r["state"]), r["feed_id"]) for r in rows]
+
+
 async def read_snapshot_page(
-    pool: asyncpg.Pool, *, prefix: str, after: str | None, limit: int
+    pool: asyncpg.Pool, *, node_id: str, prefix: str, after: str | None, limit: int
 ) -> SnapshotPage:
     """One page of ``prefix`` (already authorized) after the ``after`` token."""
-    async with translated("snapshot"):
+    async with (
+        translated("snapshot"),
+        pool.acquire() as conn,
+        conn.transaction(isolation="repeatable_read", readonly=True),
+    ):
         if after is None:
-            cursor: int = await pool.fetchval("SELECT id FROM feed_head")
+            cursor: int = await conn.fetchval("SELECT id FROM feed_head")
             last = ("", "", "")
         else:
             cursor, last = _untoken(after)
-        rows = await pool.fetch(_PAGE_SQL, prefix, *last, limit)
+        records = _rows(await conn.fetch(_PAGE_SQL, prefix, *last, limit))
+        acked = await _acked(conn, node_id)
     crashpoints.crashpoint("snapshot.mid_stream")
-    records = [
-        (r["cell"], r["collection"], r["key"], bytes(r["state"]), r["feed_id"]) for r in rows
-    ]
     nxt = _token(cursor, records[-1][:3]) if len(records) == limit else None
-    return SnapshotPage(records=records, cursor=cursor, next=nxt)
+    return SnapshotPage(records=records, cursor=cursor, next=nxt, acked=acked)
+
+
+async def read_records(
+    pool: asyncpg.Pool, *, node_id: str, cell: str, collection: str, keys: Sequence[str]
+) -> SnapshotPage:
+    """The named records of one cell and collection (already authorized), as a one-page
+    snapshot whose cursor is the feed head: how an edge reads back what it evicted."""
+    async with (
+        translated("records"),
+        pool.acquire() as conn,
+        conn.transaction(isolation="repeatable_read", readonly=True),
+    ):
+        cursor = await conn.fetchval("SELECT id FROM feed_head")
+        records = _rows(await conn.fetch(_RECORDS_SQL, cell, collection, list(keys)))
+        acked = await _acked(conn, node_id)
+    return SnapshotPage(records=records, cursor=cursor, next=None, acked=acked)
