@@ -48,6 +48,7 @@ from syncengine.errors import (
     CorruptStoreError,
     ForbiddenError,
     NotAvailableOffline,
+    SequenceError,
     StorageError,
     SyncError,
 )
@@ -749,15 +750,39 @@ class EdgeStore:
         crashpoints.crashpoint("bootstrap.after_page_before_commit")
         return len(rows)
 
+    async def follow_hub_seqs(self, acked: Sequence[int]) -> None:
+        """Check this file's seqs against ``acked``, the highest seq of each lane the hub
+        holds from this node, before anything is pushed; see :meth:`_follow_hub_seqs`."""
+        if len(acked) != len(Tier):
+            raise ValueError(f"acked needs one seq per lane, got {len(acked)}")
+        await self._run_on_thread(self._follow_hub_seqs, list(acked))
+
     def _follow_hub_seqs(self, conn: sqlite3.Connection, acked: Sequence[int]) -> None:
         """Renumber a lane's queued changes after the hub's acknowledged seq when the hub
-        holds seqs this file never issued (a lost store replaced by a new file)."""
+        holds seqs this file never issued (a lost store replaced by a new file): the hub
+        would take them for replays and drop them.
+
+        A file that had acknowledgements of the lane before and is still behind the hub is
+        an older copy (a backup put back): which of its queued changes the hub holds cannot
+        be told from seqs, so nothing is guessed and :class:`SequenceError`
+        (``store_behind_hub``) is raised.
+        """
         for lane, next_seq, acked_seq in list(
             conn.execute("SELECT lane, next_seq, acked_seq FROM lanes")
         ):
             hub = acked[lane]
             if next_seq - 1 >= hub:
                 continue
+            if acked_seq > 0:
+                raise SequenceError(
+                    f"lane {Tier.from_priority(lane)}: the hub holds seqs up to {hub} from node "
+                    f"{self.node_id}, but this file issued only up to {next_seq - 1}: it is an "
+                    "older copy of the node's store (restored from a backup?)",
+                    hint="Stop the daemon and move this file aside; a new file is bootstrapped "
+                    "from the hub. Changes only the old file holds must be written again.",
+                    code="store_behind_hub",
+                    detail={"lane": lane, "hub_acked": hub, "issued": next_seq - 1},
+                )
             shift = hub - acked_seq
             # Two steps through a range no seq uses: a one-step shift could collide with a
             # row not yet moved (SQLite checks the primary key row by row).

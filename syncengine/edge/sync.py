@@ -376,16 +376,19 @@ class Syncer:
         self._fold_warned = False
         self._step_errors: dict[_Step, str] = {}  # final error code of each failing step
         self._drift_warned = False
+        self._seqs_checked = False  # learn_config checked this file's seqs against the hub's
 
     # -- config -------------------------------------------------------------------------------
 
     async def learn_config(self) -> None:
         """Fetch the hub's config and adopt it: tier rules and resolvers are saved in the
-        store (the hub is their authority), ``max_batch_changes`` caps the batch size, and
-        the hub's clock is folded into ours.
+        store (the hub is their authority), ``max_batch_changes`` caps the batch size, the
+        hub's clock is folded into ours, and this file's seqs are checked against what the hub
+        holds from this node (:meth:`EdgeStore.follow_hub_seqs`); pushes wait for that check.
 
-        Raises the link's errors, and :class:`DecodeError` (:data:`INVALID_RESPONSE`) for a
-        config that does not parse — nothing is adopted then.
+        Raises the link's errors, :class:`DecodeError` (:data:`INVALID_RESPONSE`) for a
+        config that does not parse — nothing is adopted then — and :class:`SequenceError`
+        (``store_behind_hub``) for an older copy of this node's store.
         """
         cfg = await self.link.config()
         try:
@@ -412,6 +415,17 @@ class Syncer:
         if isinstance(hub_hlc, int) and not isinstance(hub_hlc, bool) and hub_hlc > 0:
             self._fold(hub_hlc)
             self._check_drift(hub_hlc, cfg.get("max_clock_drift_ms"))
+        acked = cfg.get("acked")
+        if not (
+            isinstance(acked, list)
+            and len(acked) == len(Tier)
+            and all(isinstance(a, int) and not isinstance(a, bool) and a >= 0 for a in acked)
+        ):
+            raise DecodeError(
+                "hub config has no valid 'acked' (one seq per lane)", code=INVALID_RESPONSE
+            )
+        await self.store.follow_hub_seqs(acked)
+        self._seqs_checked = True
 
     def _check_drift(self, hub_hlc: int, max_drift_ms: object) -> None:
         """Say once, before the rejections pile up, that this node's clock runs ahead."""
@@ -446,6 +460,10 @@ class Syncer:
     async def _push_lane(self, lane: int, tally: _Tally) -> int:
         tier = Tier.from_priority(lane)
         outbox = self.store.outbox
+        if not self._seqs_checked and await outbox.pending(lane):
+            # Once per syncer, before the first push: a new file of a node whose store was
+            # lost must number its changes after what the hub holds (see learn_config).
+            await self.learn_config()
         async with self._push_locks[lane], self.gate.claim(lane):
             # Changes written while we push wait for the next call: a busy lane cannot
             # starve the lanes (and pulls) after it in a round.

@@ -315,7 +315,9 @@ class Hub:
         return self._msgpack_response(request, encode_snapshot_page(page))
 
     async def _config(self, request: web.Request) -> web.Response:
-        await self._node(request)
+        node = await self._node(request)
+        async with db.translated("config"):
+            acked = await snapshot.acked_seqs(self.pool, node.node_id)
         body = {
             "v": PROTOCOL_VERSION,
             "region": self.config.region,
@@ -325,6 +327,9 @@ class Hub:
             "max_batch_changes": self.config.max_batch_changes,
             "max_body_bytes": self.config.max_body_bytes,
             "hub_hlc": self.clock.now(),
+            # What the hub holds of the caller, per lane: a new store of a node that lost
+            # its file numbers its queued changes after it (they are not replays).
+            "acked": acked,
         }
         if MSGPACK in request.headers.get("Accept", ""):
             return self._msgpack_response(request, body)

@@ -13,7 +13,8 @@ the lock is taken. ``benchmarks/sync_push.py`` measures the resulting rate besid
 
 Dedup: per ``(node, lane)`` the hub keeps the highest seq applied. A batch at or below it
 is a replay and answers the same ``acked``; a batch starting beyond it + 1 is a gap (409);
-an overlapping batch applies only the seqs above it.
+an overlapping batch applies only the seqs above it. A "replay" whose changes differ from the
+ones held under the same seqs (by ``hlc``) is refused (409 ``seq_reused``), never dropped.
 """
 
 from __future__ import annotations
@@ -102,6 +103,39 @@ def check_batch(
             raise
 
 
+async def _check_replayed(
+    conn: asyncpg.Connection, node: Node, batch: PushBatch, acked: int
+) -> None:
+    """Refuse seqs the hub already holds when they carry other changes than the ones it holds.
+
+    A real replay resends the very changes (same ``hlc``). Other changes under held seqs come
+    from an older copy of the node's store (a backup put back, then written to) or from two
+    stores under one node id; answering them as replays would drop them for good.
+    """
+    replayed = {c.seq: c.hlc for c in batch.changes if c.seq <= acked}
+    if not replayed:
+        return
+    rows = await conn.fetch(
+        "SELECT seq, hlc FROM feed WHERE node_id = $1 AND lane = $2 AND seq = ANY($3::bigint[])",
+        node.node_id,
+        batch.lane,
+        list(replayed),
+    )
+    # Seqs whose feed entries are gone (retention) cannot be compared; they pass as replays.
+    reused = sorted(r["seq"] for r in rows if r["hlc"] != replayed[r["seq"]])
+    if reused:
+        raise SequenceError(
+            f"lane {batch.lane} of node {node.node_id!r}: seqs {reused[0]}..{reused[-1]} "
+            f"({len(reused)}) carry other changes than the ones the hub holds under them: "
+            "this store is an older copy of the node's (restored from a backup?) or another "
+            "store runs under the same node id",
+            hint="Stop the edge. Give every store its own node id, or move this file aside "
+            "and start a new one (it is bootstrapped from the hub).",
+            code="seq_reused",
+            detail={"lane": batch.lane, "acked": acked, "seqs": reused[:20]},
+        )
+
+
 async def apply_push(
     pool: asyncpg.Pool,
     node: Node,
@@ -122,6 +156,7 @@ async def apply_push(
             node.node_id,
             batch.lane,
         )
+        await _check_replayed(conn, node, batch, acked)
         if batch.last_seq <= acked:  # a replay: answer as the first time, change nothing
             return AppliedBatch(
                 answer=_answer(batch, acked, clock, applied=0, conflicts=0),

@@ -29,7 +29,7 @@ from syncengine.hub.db import translated
 from syncengine.protocol import SnapshotPage
 from syncengine.tiers import Tier
 
-__all__ = ["read_records", "read_snapshot_page"]
+__all__ = ["acked_seqs", "read_records", "read_snapshot_page"]
 
 _PAGE_SQL = (
     "SELECT cell, collection, key, state, feed_id FROM records "
@@ -66,7 +66,8 @@ def _untoken(token: str) -> tuple[int, tuple[str, str, str]]:
     return cursor, (cell, coll, key)
 
 
-async def _acked(conn: asyncpg.Connection, node_id: str) -> list[int]:
+async def acked_seqs(conn: asyncpg.Connection | asyncpg.Pool, node_id: str) -> list[int]:
+    """The highest seq of each lane the hub holds from ``node_id`` (0 for none)."""
     acked = [0] * len(Tier)
     for r in await conn.fetch(_ACKED_SQL, node_id):
         acked[r["lane"]] = r["acked_seq"]
@@ -92,7 +93,7 @@ async def read_snapshot_page(
         else:
             cursor, last = _untoken(after)
         records = _rows(await conn.fetch(_PAGE_SQL, prefix, *last, limit))
-        acked = await _acked(conn, node_id)
+        acked = await acked_seqs(conn, node_id)
     crashpoints.crashpoint("snapshot.mid_stream")
     nxt = _token(cursor, records[-1][:3]) if len(records) == limit else None
     return SnapshotPage(records=records, cursor=cursor, next=nxt, acked=acked)
@@ -110,5 +111,5 @@ async def read_records(
     ):
         cursor = await conn.fetchval("SELECT id FROM feed_head")
         records = _rows(await conn.fetch(_RECORDS_SQL, cell, collection, list(keys)))
-        acked = await _acked(conn, node_id)
+        acked = await acked_seqs(conn, node_id)
     return SnapshotPage(records=records, cursor=cursor, next=None, acked=acked)

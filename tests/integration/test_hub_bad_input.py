@@ -34,10 +34,16 @@ def now_hlc(offset_ms: int = 0) -> int:
     return (time.time_ns() // 1_000_000 + offset_ms) << 16
 
 
+#: Seq n of a node is always stamped T0 + n (unless offset): re-sending a batch is a true
+#: replay, which the hub answers as the first time (other changes under held seqs are not).
+T0 = now_hlc()
+
+
 def good_push(node: str = "node-a", *, first: int = 1, n: int = 2, cell: str = CELL,
               hlc_offset_ms: int = 0) -> dict[str, Any]:
+    base = now_hlc(hlc_offset_ms) if hlc_offset_ms else T0
     changes = [
-        Change(cell=cell, collection="visits", key=f"k{first + i}", hlc=now_hlc(hlc_offset_ms) + i,
+        Change(cell=cell, collection="visits", key=f"k{first + i}", hlc=base + first + i,
                node=node, fields={"v": i}, lane=2, seq=first + i)
         for i in range(n)
     ]
@@ -184,6 +190,21 @@ async def test_replayed_batch_is_a_no_op_with_the_same_answer(seeded) -> None:  
     # Only bookkeeping moves (last_seen); no record, feed or lane changes.
     assert {k: v for k, v in after.items() if k != "nodes"} == {
         k: v for k, v in before.items() if k != "nodes"}
+
+
+async def test_other_changes_under_held_seqs_are_refused_not_dropped(seeded) -> None:  # type: ignore[no-untyped-def]
+    """An older copy of a store re-uses seqs for new changes: answering them as a replay
+    would lose them; the hub tells them apart by their stamps and refuses them."""
+    hub, token = seeded
+    before = await checksum(hub.hub.pool)
+    async with aiohttp.ClientSession() as http, http.post(
+        f"{hub.url}/v1/push", data=packed(good_push(first=2, hlc_offset_ms=-1000)),
+        headers=headers(token),
+    ) as resp:
+        assert resp.status == 409
+        body = await resp.json()
+        assert body["error"] == "seq_reused" and body["detail"]["seqs"] == [2]
+    assert await checksum(hub.hub.pool) == before
 
 
 async def test_revoked_token_gets_401_on_the_next_request(seeded) -> None:  # type: ignore[no-untyped-def]

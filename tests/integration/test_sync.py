@@ -9,24 +9,34 @@ import asyncio
 import json
 import logging
 import random
-import sqlite3
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 
+from support.edges import (
+    ALERTS,
+    ARCHIVE,
+    CELL,
+    RESOLVERS,
+    SEED,
+    STOCK_CELL,
+    Edge,
+    edge,
+    edge_rows,
+    feed_count,
+    hub_rows,
+)
 from support.servers import free_port
 from syncengine import crashpoints
+from syncengine.codec import encode
 from syncengine.edge.link import INVALID_RESPONSE, HubLink
 from syncengine.edge.outbox import OutboxBatch
-from syncengine.edge.store import EdgeStore
-from syncengine.edge.sync import Backoff, Syncer
+from syncengine.edge.sync import Syncer
 from syncengine.errors import (
     AuthenticationError,
     DecodeError,
@@ -38,79 +48,6 @@ from syncengine.merge import RecordState, apply_change, document_json
 from syncengine.tiers import Tier
 
 pytestmark = pytest.mark.integration
-
-CELL = "west/ng/lagos/clinic-12"
-ALERTS = f"{CELL}/alerts"  # critical by the hub fixture's rules
-STOCK_CELL = f"{CELL}/stock"  # important
-ARCHIVE = f"{CELL}/2019"  # archive
-SEED = 20240611
-RESOLVERS = {"stock": "counter"}
-
-
-@dataclass
-class Edge:
-    name: str
-    store: EdgeStore
-    link: HubLink
-    syncer: Syncer
-
-
-@asynccontextmanager
-async def edge(
-    stack: AsyncExitStack,
-    tmp_path: Path,
-    name: str,
-    url: str,
-    token: str,
-    *,
-    learn: bool = True,
-    **syncer_kw: Any,
-) -> AsyncIterator[Edge]:
-    """Store, link and syncer of node ``name`` (closed with ``stack``). ``wall`` goes to the
-    store, ``timeout_s`` to the link, other keywords to the :class:`Syncer`."""
-    store = await stack.enter_async_context(
-        EdgeStore.open(
-            tmp_path / f"{name}.db", node_id=name, region="west", wall=syncer_kw.pop("wall", None)
-        )
-    )
-    link = await stack.enter_async_context(
-        HubLink(url, token, node_id=name, timeout_s=syncer_kw.pop("timeout_s", 10.0))
-    )
-    syncer_kw.setdefault("backoff", Backoff(rng=random.Random(SEED)))
-    syncer = Syncer(store, link, subscriptions=[CELL], **syncer_kw)
-    if learn:
-        # Before any write: lanes and resolvers must be the hub's from the first change.
-        await syncer.learn_config()
-    yield Edge(name, store, link, syncer)
-
-
-def edge_rows(path: Path) -> dict[tuple[str, str, str], tuple[bytes, str | None]]:
-    """``records`` read straight from the SQLite file, as an operator would."""
-    conn = sqlite3.connect(path)
-    try:
-        return {
-            (c, coll, k): (bytes(state), doc)
-            for c, coll, k, state, doc in conn.execute(
-                "SELECT cell, collection, key, state, doc FROM records"
-            )
-        }
-    finally:
-        conn.close()
-
-
-async def hub_rows(hub: Any) -> dict[tuple[str, str, str], tuple[bytes, Any]]:
-    rows = await hub.hub.pool.fetch("SELECT cell, collection, key, state, doc FROM records")
-    return {
-        (r["cell"], r["collection"], r["key"]): (
-            bytes(r["state"]),
-            None if r["doc"] is None else json.loads(r["doc"]),
-        )
-        for r in rows
-    }
-
-
-async def feed_count(hub: Any) -> int:
-    return int(await hub.hub.pool.fetchval("SELECT count(*) FROM feed"))
 
 
 # ------------------------------------------------------------------------------ convergence
@@ -593,7 +530,12 @@ async def test_answers_that_are_not_the_hubs_are_never_rejections(tmp_path: Path
             headers={"X-Hub-HLC": str(12345 << 16)},
         )
 
+    async def config(request: web.Request) -> web.Response:  # sound, so pushes go ahead
+        body = encode({"tier_rules": [], "resolvers": {}, "acked": [0, 0, 0, 0]})
+        return web.Response(body=body, content_type="application/msgpack")
+
     app = web.Application()
+    app.router.add_get("/garbled/v1/config", config)
     app.router.add_post("/garbled/v1/push", garbage)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

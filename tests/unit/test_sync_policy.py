@@ -199,6 +199,7 @@ class FakeLink:
             "max_batch_changes": 5000,
             "max_clock_drift_ms": 300_000,
             "hub_hlc": make_hlc(time.time_ns() // 1_000_000),
+            "acked": [self.acked[lane] for lane in range(4)],
         }
 
 
