@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from syncengine import service
 from syncengine.config import EdgeConfig
@@ -317,6 +317,11 @@ class EdgeDaemon:
             deferred=MappingProxyType(dict(self._deferred)),
             bootstrapped=self._bootstrapped.is_set(),
         )
+
+    async def get(self, cell: str, collection: str, key: str) -> dict[str, Any] | None:
+        """A record's document, or None. An archive record evicted locally is fetched back
+        from the hub; :class:`NotAvailableOffline` when the hub cannot be reached then."""
+        return await self.syncer.get(cell, collection, key)
 
     def in_window(self) -> bool:
         """Whether the region's off-peak window is open now (on the daemon's clock)."""

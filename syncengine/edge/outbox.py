@@ -203,16 +203,16 @@ class Outbox:
                 )
             if through_seq <= acked:
                 return 0
-            if lane == Tier.ARCHIVE.priority:
-                # Archive records are evicted a while after the hub holds them: start the
-                # clock of each record whose change was just acknowledged.
-                await conn.execute(
-                    "UPDATE records SET synced_at_ms = ? FROM (SELECT cell, collection, key "
-                    "FROM outbox WHERE lane = ? AND seq > ? AND seq <= ?) AS o "
-                    "WHERE records.cell = o.cell AND records.collection = o.collection "
-                    "AND records.key = o.key",
-                    (int(time.time() * 1000), lane, acked, through_seq),
-                )
+            # Archive records are evicted a while after the hub holds them: start the clock
+            # of each record whose change was just acknowledged. Every lane does it, not
+            # only archive's: a cell's tier can change after its records were pushed.
+            await conn.execute(
+                "UPDATE records SET synced_at_ms = ? FROM (SELECT cell, collection, key "
+                "FROM outbox WHERE lane = ? AND seq > ? AND seq <= ?) AS o "
+                "WHERE records.cell = o.cell AND records.collection = o.collection "
+                "AND records.key = o.key",
+                (int(time.time() * 1000), lane, acked, through_seq),
+            )
             cur = await conn.execute(
                 "DELETE FROM outbox WHERE lane = ? AND seq <= ?", (lane, through_seq)
             )
