@@ -159,15 +159,23 @@ def scalar(db: Path, sql: str) -> Any:
     return row[0] if row else None
 
 
-async def until(check: Callable[[], Any], *, timeout: float, what: str) -> None:
+async def until(
+    check: Callable[[], Any], *, timeout: float, what: str, every_s: float = 0.05
+) -> None:
     deadline = time.monotonic() + timeout
     while not await check():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(every_s)
 
 
 async def converged(hub: Any, db: Path) -> bool:
+    """Whether the edge file holds exactly the hub's records. Counts first: reading 20,000
+    rows of both sides on every poll would take the CPU the daemon under test needs."""
+    if scalar(db, "SELECT count(*) FROM records") != await hub.hub.pool.fetchval(
+        "SELECT count(*) FROM records"
+    ):
+        return False
     return edge_rows(db) == await hub_rows(hub)
 
 
@@ -179,16 +187,18 @@ async def fill_hub(hub: Any, tmp_path: Path, count: int) -> None:
             EdgeStore.open(tmp_path / "n2.db", node_id="n2", region="west", tier_rules=TIER_RULES)
         )
         link = await stack.enter_async_context(HubLink(hub.url, token, node_id="n2"))
+        syncer = Syncer(store, link, subscriptions=[])
+        await syncer.learn_config()  # the hub's resolvers before the first write
         await asyncio.gather(
             *(
-                store.put(STOCK, "stock", f"item-{i}", {"count": i % 7, "note": "x" * 60})
+                store.put(STOCK, "items", f"item-{i}", {"count": i % 7, "note": "x" * 60})
                 for i in range(count)
             )
         )
         await asyncio.gather(*(store.put(ALERTS, "alarms", f"a-{i}", {"l": i}) for i in range(50)))
-        syncer = Syncer(store, link, subscriptions=[])
         report = await syncer.sync_once()
         assert report.caught_up, report.errors
+        assert await store.outbox.dead_letters() == []
 
 
 # ----------------------------------------------------------------------------- lifecycle
@@ -313,7 +323,9 @@ async def test_a_stop_during_a_large_pull_resumes_and_converges(
     stopped_at = scalar(db, "SELECT value FROM cursors WHERE name = 'pull:important'")
     assert stopped_at < head, "the pull finished before the stop: the test proved nothing"
     async with daemon(config) as d:
-        await until(lambda: converged(hub, db), timeout=60, what="convergence after restart")
+        await until(
+            lambda: converged(hub, db), timeout=60, what="convergence after restart", every_s=0.5
+        )
         assert await d.stop() == 0
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
@@ -346,7 +358,9 @@ async def test_a_stop_during_a_bootstrap_resumes_and_converges(
     had = scalar(db, "SELECT count(*) FROM records")
     assert had < 20_050, "the bootstrap finished before the stop: the test proved nothing"
     async with daemon(config) as d:
-        await until(lambda: converged(hub, db), timeout=60, what="convergence after restart")
+        await until(
+            lambda: converged(hub, db), timeout=60, what="convergence after restart", every_s=0.5
+        )
         assert await d.stop() == 0
         assert d.said("bootstrap done")
 
@@ -394,7 +408,9 @@ async def test_soak_behind_a_link_cut_every_five_seconds(
                     offline_wall += time.monotonic() - t0
                 rss.append(ps.memory_info().rss)
             proxy.refuse(False)
-        await until(lambda: converged(hub, db), timeout=90, what="convergence after healing")
+        await until(
+            lambda: converged(hub, db), timeout=90, what="convergence after healing", every_s=0.5
+        )
         at_hub = await hub_rows(hub)
         assert all(any(k[0] == c and k[2] == key for k in at_hub) for c, key in written)
         assert scalar(db, "SELECT count(*) FROM outbox") == 0
