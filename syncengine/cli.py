@@ -61,6 +61,7 @@ from rich.table import Table
 from syncengine.config import EdgeConfig, HubConfig, load_config, mask_url
 from syncengine.demo import run_demo
 from syncengine.edge import sqlite as edge_sqlite
+from syncengine.edge.backup import backup_file, restore_backup
 from syncengine.edge.daemon import EdgeDaemon, connect_link, open_store
 from syncengine.edge.sync import Syncer, SyncReport
 from syncengine.errors import ConfigError, MigrationError, StorageError, SyncError, ValidationError
@@ -589,6 +590,52 @@ def edge_bootstrap(config_path: Path) -> None:
 
     records = run(fetch())
     click.echo(f"bootstrap done: {records} records")
+
+
+@edge.command("backup")
+@config_option("The node's edge.toml.")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+def edge_backup(config_path: Path, path: Path) -> None:
+    """Write a consistent copy of the edge store to PATH while it stays in use.
+
+    Safe while the daemon and applications write: the copy is one read snapshot (SQLite
+    `VACUUM INTO`), verified before it is renamed into place. PATH must not exist.
+    Put it back with `syncengine edge restore PATH`.
+    """
+    config = load_edge(config_path, "edge backup")
+    _require_store_file(config)
+    info = run(backup_file(config.db, path))
+    click.echo(
+        f"backup of {config.db} written to {info.path}: {info.size_bytes:,} bytes, "
+        f"{info.records:,} records, {info.queued:,} changes not yet at the hub"
+    )
+
+
+@edge.command("restore")
+@config_option("The node's edge.toml.")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def edge_restore(config_path: Path, path: Path, yes: bool) -> None:
+    """Put the backup PATH in place of the edge store. Stop the edge daemon first.
+
+    The current file is moved aside (`<db>.replaced-<time>`), never deleted. On its next
+    contact with the hub the restored store lines up with what the hub holds: changes the
+    hub has are dropped from its queue, changes written since the restore are numbered
+    after them, and what the replaced store wrote after the backup is pulled back. Nothing
+    is lost and nothing counts twice.
+    """
+    config = load_edge(config_path, "edge restore")
+    if not yes and not click.confirm(
+        f"Replace {config.db} with the backup {path}? (the current file is moved aside)"
+    ):
+        raise click.Abort
+    info, aside = run(restore_backup(path, config.db, node_id=config.node_id, region=config.region))
+    where = f"; the replaced file is {aside}" if aside is not None else ""
+    click.echo(
+        f"restored {config.db} from {path}: {info.records:,} records, {info.queued:,} changes "
+        f"not yet at the hub{where}. Start the daemon (or run `syncengine edge sync --now`) "
+        "to line it up with the hub."
+    )
 
 
 # ================================================================================== migrate

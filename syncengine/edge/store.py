@@ -41,6 +41,7 @@ from syncengine import crashpoints
 from syncengine.cells import covers_any, home_region, parse_cell
 from syncengine.clock import DEFAULT_MAX_DRIFT_MS, HybridClock
 from syncengine.edge import sqlite as db
+from syncengine.edge.backup import RESTORED_META
 from syncengine.edge.outbox import Outbox, encode_payload, queued_change
 from syncengine.errors import (
     ClockDriftError,
@@ -758,40 +759,67 @@ class EdgeStore:
         await self._run_on_thread(self._follow_hub_seqs, list(acked))
 
     def _follow_hub_seqs(self, conn: sqlite3.Connection, acked: Sequence[int]) -> None:
-        """Renumber a lane's queued changes after the hub's acknowledged seq when the hub
-        holds seqs this file never issued (a lost store replaced by a new file): the hub
-        would take them for replays and drop them.
+        """Line this file's seqs up with ``acked``, the hub's highest seq of each lane from
+        this node, before anything is pushed or pulled.
 
-        A file that had acknowledgements of the lane before and is still behind the hub is
-        an older copy (a backup put back): which of its queued changes the hub holds cannot
-        be told from seqs, so nothing is guessed and :class:`SequenceError`
-        (``store_behind_hub``) is raised.
+        - A new file of a node whose store was lost (it never had an acknowledgement of the
+          lane) renumbers its queued changes after the hub's: the hub would otherwise take
+          them for replays and drop them.
+        - A restored backup (see :func:`~syncengine.edge.backup.restore_backup`) drops
+          the queued changes the hub holds from the store it replaced and renumbers the
+          ones written since the restore after the hub's. (What the replaced store wrote
+          after the backup comes back through the bootstrap the restore asked for.)
+        - Any other file behind the hub is an older copy put back by hand: which of its
+          queued changes the hub holds cannot be told, so nothing is guessed and
+          :class:`SequenceError` (``store_behind_hub``) is raised.
         """
+        restored = {
+            int(k): v for k, v in json.loads(_get_meta(conn, RESTORED_META) or "{}").items()
+        }
         for lane, next_seq, acked_seq in list(
             conn.execute("SELECT lane, next_seq, acked_seq FROM lanes")
         ):
             hub = acked[lane]
+            mark = restored.get(lane)
+            if mark is not None:
+                if hub >= mark:
+                    # Seqs below the mark are the replaced store's own, held by the hub up
+                    # to its ack; the rest were written after the restore.
+                    conn.execute("DELETE FROM outbox WHERE lane = ? AND seq < ?", (lane, mark))
+                    shift = hub + 1 - mark
+                    _shift_seqs(conn, lane, shift, from_seq=mark)
+                    conn.execute(
+                        "UPDATE lanes SET next_seq = next_seq + ?, acked_seq = ? WHERE lane = ?",
+                        (shift, hub, lane),
+                    )
+                    log.warning(
+                        "node %s lane %s: restored from a backup; the hub holds seqs up to %d "
+                        "from the store it replaced: %d changes written since the restore "
+                        "follow them",
+                        self.node_id,
+                        Tier.from_priority(lane),
+                        hub,
+                        next_seq - mark,
+                    )
+                elif hub > acked_seq:
+                    conn.execute("DELETE FROM outbox WHERE lane = ? AND seq <= ?", (lane, hub))
+                    conn.execute("UPDATE lanes SET acked_seq = ? WHERE lane = ?", (hub, lane))
+                continue
             if next_seq - 1 >= hub:
                 continue
             if acked_seq > 0:
                 raise SequenceError(
                     f"lane {Tier.from_priority(lane)}: the hub holds seqs up to {hub} from node "
                     f"{self.node_id}, but this file issued only up to {next_seq - 1}: it is an "
-                    "older copy of the node's store (restored from a backup?)",
-                    hint="Stop the daemon and move this file aside; a new file is bootstrapped "
-                    "from the hub. Changes only the old file holds must be written again.",
+                    "older copy of the node's store (restored from a backup by hand?)",
+                    hint="Put a backup back with `syncengine edge restore`, which lines it up "
+                    "with the hub; or stop the daemon and move this file aside (a new file is "
+                    "bootstrapped from the hub).",
                     code="store_behind_hub",
                     detail={"lane": lane, "hub_acked": hub, "issued": next_seq - 1},
                 )
             shift = hub - acked_seq
-            # Two steps through a range no seq uses: a one-step shift could collide with a
-            # row not yet moved (SQLite checks the primary key row by row).
-            far = 1 << 50
-            for table in ("outbox", "dead_letters"):
-                conn.execute(f"UPDATE {table} SET seq = seq + ? WHERE lane = ?", (far, lane))
-                conn.execute(
-                    f"UPDATE {table} SET seq = seq - ? WHERE lane = ?", (far - shift, lane)
-                )
+            _shift_seqs(conn, lane, shift)
             conn.execute(
                 "UPDATE lanes SET next_seq = next_seq + ?, acked_seq = ?, first_seq = ? "
                 "WHERE lane = ?",
@@ -805,6 +833,8 @@ class EdgeStore:
                 hub,
                 next_seq - 1 - acked_seq,
             )
+        if restored:
+            conn.execute("DELETE FROM meta WHERE key = ?", (RESTORED_META,))
 
     async def needs_bootstrap(self, subscriptions: Iterable[str]) -> bool:
         """Whether some subscribed prefix was never fetched through the snapshot (a new
@@ -1064,6 +1094,27 @@ def _record_row(rk: RecordKey, state: RecordState, now_ms: int) -> tuple[Any, ..
         0 if doc else 1,
         now_ms,
     )
+
+
+def _shift_seqs(conn: sqlite3.Connection, lane: int, shift: int, *, from_seq: int = 1) -> None:
+    """Add ``shift`` to the seqs from ``from_seq`` up of ``lane``'s queued and dead-lettered
+    changes."""
+    # Two steps through a range no seq uses: a one-step shift could collide with a row not
+    # yet moved (SQLite checks the primary key row by row).
+    far = 1 << 50
+    for table in ("outbox", "dead_letters"):
+        conn.execute(
+            f"UPDATE {table} SET seq = seq + ? WHERE lane = ? AND seq >= ?", (far, lane, from_seq)
+        )
+        conn.execute(
+            f"UPDATE {table} SET seq = seq - ? WHERE lane = ? AND seq >= ?",
+            (far - shift, lane, far),
+        )
+
+
+def _get_meta(conn: sqlite3.Connection, key: str) -> str | None:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return None if row is None else str(row[0])
 
 
 def _set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:

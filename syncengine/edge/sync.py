@@ -274,7 +274,7 @@ def _names_seq(exc: SyncError, batch: OutboxBatch) -> int | None:
 # -- results ----------------------------------------------------------------------------------
 
 
-StepName = Literal["config", "push", "pull"]
+StepName = Literal["config", "bootstrap", "push", "pull"]
 _Step = tuple[StepName, Tier | None]
 
 
@@ -594,6 +594,10 @@ class Syncer:
                     hint="Run `syncengine edge bootstrap` (the daemon finishes it by itself).",
                     code="bootstrap_incomplete",
                 )
+            if not self._seqs_checked:
+                # A restored backup learns from the check which of this node's own changes
+                # it lacks; a pull before it would skip them as already applied.
+                await self.learn_config()
             while True:
                 after = await self.store.cursor(name)
                 try:
@@ -743,7 +747,8 @@ class Syncer:
     # -- a round ------------------------------------------------------------------------------
 
     async def sync_once(self, *, tiers: Iterable[Tier] | None = None) -> SyncReport:
-        """One round: learn the config, push every lane (critical first), pull every tier.
+        """One round: learn the config, finish an unfinished bootstrap, push every lane
+        (critical first), pull every tier.
 
         ``tiers`` restricts the lanes and tiers handled. Failures are reported per step in
         :attr:`SyncReport.errors` and the round goes on, except that a transient push error
@@ -763,7 +768,15 @@ class Syncer:
         except SyncError as exc:
             errors.append(self._failed("config", None, exc))
         link_down = False
-        for tier in wanted:
+        if not errors and await self.store.bootstrap_progress() is not None:
+            # An interrupted bootstrap (or one a restore asked for): pulls wait for it.
+            try:
+                await self.bootstrap()
+                ok.append(("bootstrap", None))
+            except SyncError as exc:
+                errors.append(self._failed("bootstrap", None, exc))
+                link_down = is_transient(exc)
+        for tier in wanted if not link_down else ():
             try:
                 await self._push_lane(tier.priority, tally)
                 ok.append(("push", tier))
