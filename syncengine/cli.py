@@ -35,6 +35,7 @@ import contextlib
 import errno
 import json
 import logging
+import shutil
 import signal
 import sqlite3
 import sys
@@ -58,11 +59,13 @@ from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from syncengine.clock import hlc_millis
 from syncengine.config import EdgeConfig, HubConfig, load_config, mask_url
 from syncengine.demo import run_demo
 from syncengine.edge import sqlite as edge_sqlite
 from syncengine.edge.backup import backup_file, restore_backup
 from syncengine.edge.daemon import EdgeDaemon, connect_link, open_store
+from syncengine.edge.store import StepRecord
 from syncengine.edge.sync import Syncer, SyncReport
 from syncengine.errors import ConfigError, MigrationError, StorageError, SyncError, ValidationError
 from syncengine.hub import db as hub_db
@@ -88,6 +91,8 @@ T = TypeVar("T")
 #: Version of the ``status --json`` (and ``hub nodes --json``) document. Bump it when a field
 #: changes meaning or disappears; adding fields keeps the version.
 STATUS_SCHEMA: Final = 1
+#: How long `status` waits for the hub before reporting it unreachable.
+_PROBE_TIMEOUT_S: Final = 3.0
 #: Exit codes of ``status``.
 EXIT_OK: Final = 0
 EXIT_WARNING: Final = 1
@@ -935,6 +940,57 @@ def _file_size(path: Path) -> int:
         return 0
 
 
+def _step_json(step: StepRecord | None) -> dict[str, Any] | None:
+    if step is None:
+        return None
+    return {
+        "ok_at": _iso(step.last_ok_ms) if step.last_ok_ms is not None else None,
+        "failing": step.failing,
+        "error": None
+        if step.last_error_ms is None
+        else {
+            "at": _iso(step.last_error_ms),
+            "code": step.last_error_code,
+            "message": step.last_error,
+        },
+    }
+
+
+async def _probe_hub(config: EdgeConfig) -> dict[str, Any]:
+    """Ask the hub (briefly) whether it is reachable, its feed head and its clock."""
+    probe: dict[str, Any] = {
+        "reachable": None,
+        "error": None,
+        "feed_head": None,
+        "clock_offset_ms": None,
+        "clock_state": None,
+    }
+    try:
+        link = connect_link(config, load_regions()[config.region], timeout_s=_PROBE_TIMEOUT_S)
+    except ConfigError as exc:
+        probe["error"] = {"code": exc.code, "message": exc.message}
+        return probe
+    async with link:
+        sent = time.time_ns() // 1_000_000
+        try:
+            cfg = await link.config()
+        except SyncError as exc:
+            probe.update(reachable=False, error={"code": exc.code, "message": exc.message})
+            return probe
+        back = time.time_ns() // 1_000_000
+    probe["reachable"] = True
+    head = cfg.get("feed_head")
+    probe["feed_head"] = head if isinstance(head, int) else None
+    hub_hlc, max_drift = cfg.get("hub_hlc"), cfg.get("max_clock_drift_ms")
+    if isinstance(hub_hlc, int) and hub_hlc > 0:
+        # The hub read its clock about halfway through the round trip.
+        offset = (sent + back) // 2 - hlc_millis(hub_hlc)
+        probe["clock_offset_ms"] = offset
+        limit = max_drift if isinstance(max_drift, int) else None
+        probe["clock_state"] = "warning" if limit and abs(offset) > limit / 2 else "ok"
+    return probe
+
+
 async def edge_status(config: EdgeConfig) -> dict[str, Any]:
     """The edge's ``status --json`` document (see :func:`status`)."""
     _require_store_file(config)
@@ -942,6 +998,8 @@ async def edge_status(config: EdgeConfig) -> dict[str, Any]:
         lanes = await store.outbox.status()
         dead = await store.outbox.dead_letters()
         cursors = {tier: await store.cursor(f"pull:{tier}") for tier in Tier.by_priority()}
+        steps = await store.sync_steps()
+    hub = await _probe_hub(config)
     now_ms = time.time_ns() // 1_000_000
     tiers: list[dict[str, Any]] = []
     for lane in lanes:
@@ -951,10 +1009,18 @@ async def edge_status(config: EdgeConfig) -> dict[str, Any]:
             if lane.oldest_created_at_ms is None
             else max(0.0, (now_ms - lane.oldest_created_at_ms) / 1000)
         )
+        push, pull = steps.get(("push", lane.tier)), steps.get(("pull", lane.tier))
+        state = tier_state(age_s, promise_s, lane.dead_letters)
+        if (push is not None and push.failing) or (pull is not None and pull.failing):
+            state = _worst([state, "warning"])
+        head, lag_source = hub["feed_head"], "hub"
+        if head is None and pull is not None and pull.hub_head is not None:
+            head, lag_source = pull.hub_head, "last_pull"
+        cursor = cursors[lane.tier]
         tiers.append(
             {
                 "tier": lane.tier.value,
-                "state": tier_state(age_s, promise_s, lane.dead_letters),
+                "state": state,
                 "depth": lane.depth,
                 "bytes_pending": lane.bytes_pending,
                 "oldest_pending_age_s": None if age_s is None else round(age_s, 3),
@@ -962,22 +1028,31 @@ async def edge_status(config: EdgeConfig) -> dict[str, Any]:
                 "acked_seq": lane.acked_seq,
                 "next_seq": lane.next_seq,
                 "dead_letters": lane.dead_letters,
-                "pull_cursor": cursors[lane.tier],
+                "pull_cursor": cursor,
+                "pull_lag": None if head is None else max(0, head - cursor),
+                "pull_lag_source": None if head is None else lag_source,
+                "last_push": _step_json(push),
+                "last_pull": _step_json(pull),
             }
         )
     wal = config.db.with_name(config.db.name + "-wal")
+    states = [t["state"] for t in tiers]
+    if hub["reachable"] is False or hub["clock_state"] == "warning":
+        states.append("warning")
     return {
         "schema": STATUS_SCHEMA,
         "kind": "edge",
         "generated_at": _now_iso(),
-        "state": _worst([t["state"] for t in tiers]),
+        "state": _worst(states),
         "node_id": config.node_id,
         "region": config.region,
         "hub_url": mask_url(config.hub_url),
+        "hub": hub,
         "db": {
             "path": str(config.db),
             "bytes": _file_size(config.db),
             "wal_bytes": _file_size(wal),
+            "disk_free_bytes": shutil.disk_usage(config.db.parent).free,
         },
         "tiers": tiers,
         "dead_letters": {
@@ -1106,25 +1181,50 @@ def _render_edge(data: Mapping[str, Any]) -> None:
         f"[bold]edge {escape(data['node_id'])}[/] · region {data['region']} · "
         f"state {_styled(data['state'])}"
     )
-    console.print(f"hub      {escape(data['hub_url'] or 'not configured (offline only)')}")
+    hub = data["hub"]
+    if hub["reachable"]:
+        reach = "[green]reachable[/]"
+        if hub["clock_offset_ms"] is not None:
+            offset = f"clock offset {hub['clock_offset_ms'] / 1000:+.1f} s"
+            reach += f" · {offset if hub['clock_state'] == 'ok' else f'[yellow]{offset}[/]'}"
+    elif hub["error"] is not None:
+        verb = "unreachable" if hub["reachable"] is False else "not asked"
+        reach = f"[yellow]{verb}[/]: {escape(hub['error']['message'])}"
+    else:
+        reach = "not asked"
+    console.print(f"hub      {escape(data['hub_url'] or 'the region default')} · {reach}")
     console.print(
-        f"database {escape(db['path'])} · {_size(db['bytes'])} + WAL {_size(db['wal_bytes'])}"
+        f"database {escape(db['path'])} · {_size(db['bytes'])} + WAL {_size(db['wal_bytes'])} "
+        f"· {_size(db['disk_free_bytes'])} free"
     )
     table = Table(title="outbox per tier", title_justify="left")
-    for column in ("tier", "state", "pending", "bytes", "oldest", "promise", "pull cursor", "dead"):
-        table.add_column(column, justify="left" if column in ("tier", "state") else "right")
+    columns = ("tier", "state", "pending", "bytes", "age/limit", "push", "pull", "lag", "dead")
+    for column in columns:
+        left = column in ("tier", "state")
+        table.add_column(column, justify="left" if left else "right", no_wrap=left)
+    failing = []
     for t in data["tiers"]:
+        for name in ("push", "pull"):
+            step = t[f"last_{name}"]
+            if step is not None and step["failing"]:
+                failing.append((t["tier"], name, step["error"]))
         table.add_row(
             t["tier"],
             _styled(t["state"]),
             str(t["depth"]),
             _size(t["bytes_pending"]),
-            _duration(t["oldest_pending_age_s"]),
-            _duration(t["promise_s"]),
-            str(t["pull_cursor"]),
+            f"{_duration(t['oldest_pending_age_s'])}/{_duration(t['promise_s'])}",
+            _step_cell(t["last_push"]),
+            _step_cell(t["last_pull"]),
+            "-" if t["pull_lag"] is None else f"{t['pull_lag']:,}",
             str(t["dead_letters"]),
         )
     console.print(table)
+    for tier, name, error in failing:
+        console.print(
+            f"[yellow]{name} of {tier} failing[/] since {_short_time(error['at'])}: "
+            f"{escape(error['code'])}: {escape(error['message'])}"
+        )
     dead = data["dead_letters"]
     if dead["count"]:
         shown = len(dead["latest"])
@@ -1141,6 +1241,13 @@ def _render_edge(data: Mapping[str, Any]) -> None:
                 escape(d["message"]),
             )
         console.print(table)
+
+
+def _step_cell(step: Mapping[str, Any] | None) -> str:
+    if step is None:
+        return "never"
+    shown = _short_time(step["ok_at"]) if step["ok_at"] else "never"
+    return f"[yellow]{shown} ✗[/]" if step["failing"] else shown
 
 
 def _render_hub(data: Mapping[str, Any]) -> None:
@@ -1191,12 +1298,20 @@ def _short_time(iso: str | None) -> str:
 @cli.command()
 @config_option()
 @click.option("--json", "as_json", is_flag=True, help="Print the versioned JSON document.")
+@click.option(
+    "--watch",
+    type=click.FloatRange(min=0.5),
+    default=None,
+    metavar="SECONDS",
+    help="Refresh every SECONDS until interrupted (with --json: one document per line).",
+)
 @click.pass_context
-def status(ctx: click.Context, config_path: Path, as_json: bool) -> None:
+def status(ctx: click.Context, config_path: Path, as_json: bool, watch: float | None) -> None:
     """Sync status of an edge node or a region hub; exit 0 ok, 1 warning, 2 critical.
 
     An edge is critical when a tier's oldest pending change is older than the tier's
-    promise, warning past half of it or with dead letters. A hub is critical when its
+    promise, warning past half of it, with dead letters, while a push or pull fails, when
+    the hub is unreachable or its clock is off by more than half the allowed drift. A hub is critical when its
     database is unreachable or not migrated.
 
     \b
@@ -1208,10 +1323,15 @@ def status(ctx: click.Context, config_path: Path, as_json: bool) -> None:
     \b
     kind "edge":
       node_id, region, hub_url (configured value, password masked, or null)
-      db: {path, bytes, wal_bytes}
+      hub: {reachable (null when not asked: no token), error {code, message} | null,
+        feed_head, clock_offset_ms (this clock minus the hub's), clock_state}
+      db: {path, bytes, wal_bytes, disk_free_bytes}
       tiers: one per tier, critical first: {tier, state, depth (pending changes),
         bytes_pending, oldest_pending_age_s (null when empty), promise_s, acked_seq,
-        next_seq, dead_letters, pull_cursor}
+        next_seq, dead_letters, pull_cursor, pull_lag (feed entries behind the hub's
+        head, null when unknown), pull_lag_source "hub"|"last_pull",
+        last_push, last_pull: null (never) | {ok_at, failing, error {at, code,
+        message} | null}}
       dead_letters: {count, latest: newest first, at most 5: {tier, seq, cell,
         collection, key, code, message, dead_at}}
     \b
@@ -1225,17 +1345,34 @@ def status(ctx: click.Context, config_path: Path, as_json: bool) -> None:
         state "ok"|"degraded"|"not_configured", error}
     """
     config = _load(config_path)
-    if isinstance(config, EdgeConfig):
-        data = run(edge_status(config))
-        render: Callable[[Mapping[str, Any]], None] = _render_edge
-    else:
-        data = run(hub_status(config))
-        render = _render_hub
-    if as_json:
-        _echo_json(data)
-    else:
-        render(data)
-    ctx.exit(_EXIT_BY_STATE[data["state"]])
+
+    def fetch() -> dict[str, Any]:
+        if isinstance(config, EdgeConfig):
+            return run(edge_status(config))
+        return run(hub_status(config))
+
+    render = _render_edge if isinstance(config, EdgeConfig) else _render_hub
+    if watch is None:
+        data = fetch()
+        if as_json:
+            _echo_json(data)
+        else:
+            render(data)
+        ctx.exit(_EXIT_BY_STATE[data["state"]])
+    code = 0
+    try:
+        while True:
+            data = fetch()
+            code = _EXIT_BY_STATE[data["state"]]
+            if as_json:
+                click.echo(json.dumps(data, ensure_ascii=False))
+            else:
+                _console().clear()
+                render(data)
+            time.sleep(watch)
+    except KeyboardInterrupt:
+        pass  # the exit code is the last state's
+    ctx.exit(code)
 
 
 # ================================================================================ entry point

@@ -129,8 +129,9 @@ def open_store(config: EdgeConfig) -> contextlib.AbstractAsyncContextManager[Edg
     )
 
 
-def connect_link(config: EdgeConfig, region: Region) -> HubLink:
-    """A link to the node's hub (``hub_url``, else the region's) with its token.
+def connect_link(config: EdgeConfig, region: Region, *, timeout_s: float | None = None) -> HubLink:
+    """A link to the node's hub (``hub_url``, else the region's) with its token
+    (``timeout_s``: the link's request timeout, default the link's own).
 
     Raises :class:`ConfigError` when no token is configured or the token file is unreadable.
     """
@@ -142,7 +143,10 @@ def connect_link(config: EdgeConfig, region: Region) -> HubLink:
             "add-node` printed.",
             detail={"key": "token_file"},
         )
-    return HubLink(config.hub_url or region.hub_url, token, node_id=config.node_id)
+    url = config.hub_url or region.hub_url
+    if timeout_s is None:
+        return HubLink(url, token, node_id=config.node_id)
+    return HubLink(url, token, node_id=config.node_id, timeout_s=timeout_s)
 
 
 def _utcnow() -> dt.datetime:

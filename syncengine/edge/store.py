@@ -68,7 +68,7 @@ from syncengine.migrations import migrate_sqlite
 from syncengine.resources import data_dir
 from syncengine.tiers import Retention, Tier, TierPolicy, TierRules
 
-__all__ = ["DEFAULT_MAX_RECORD_BYTES", "EdgeStore"]
+__all__ = ["DEFAULT_MAX_RECORD_BYTES", "EdgeStore", "StepRecord"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -105,6 +105,27 @@ class _Job:
     future: asyncio.Future[Any]
     #: False when ``body`` opens its own transaction (run_transaction on the thread).
     in_transaction: bool = True
+
+
+_TIER_VALUES: Final = frozenset(t.value for t in Tier)
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """The last outcomes of one push or pull step (times in ms since the epoch)."""
+
+    last_ok_ms: int | None
+    last_error_ms: int | None
+    last_error_code: str | None
+    last_error: str | None
+    hub_head: int | None
+
+    @property
+    def failing(self) -> bool:
+        """Whether the last outcome was a failure."""
+        return self.last_error_ms is not None and (
+            self.last_ok_ms is None or self.last_error_ms > self.last_ok_ms
+        )
 
 
 def _now_ms() -> int:
@@ -986,6 +1007,49 @@ class EdgeStore:
             (cell, collection, key),
         )
         return bool(rows)
+
+    async def note_step(
+        self,
+        step: str,
+        tier: Tier,
+        *,
+        error: SyncError | None = None,
+        hub_head: int | None = None,
+        at_ms: int | None = None,
+    ) -> None:
+        """Record the outcome of a push or pull of ``tier`` for ``syncengine status``."""
+        at = _now_ms() if at_ms is None else at_ms
+
+        def body(conn: sqlite3.Connection) -> None:
+            if error is None:
+                conn.execute(
+                    "INSERT INTO sync_steps (step, tier, last_ok_ms, hub_head) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (step, tier) DO UPDATE SET last_ok_ms = excluded.last_ok_ms, "
+                    "hub_head = coalesce(excluded.hub_head, hub_head)",
+                    (step, tier.value, at, hub_head),
+                )
+            else:
+                conn.execute(
+                    "INSERT INTO sync_steps (step, tier, last_error_ms, last_error_code, "
+                    "last_error) VALUES (?, ?, ?, ?, ?) ON CONFLICT (step, tier) DO UPDATE SET "
+                    "last_error_ms = excluded.last_error_ms, "
+                    "last_error_code = excluded.last_error_code, last_error = excluded.last_error",
+                    (step, tier.value, at, error.code, error.message[:1000]),
+                )
+
+        await self._run_on_thread(body)
+
+    async def sync_steps(self) -> dict[tuple[str, Tier], StepRecord]:
+        """The recorded outcome of each step (see :meth:`note_step`)."""
+        rows = await self._read(
+            "SELECT step, tier, last_ok_ms, last_error_ms, last_error_code, last_error, hub_head "
+            "FROM sync_steps"
+        )
+        return {
+            (step, Tier(tier)): StepRecord(ok_ms, err_ms, code, message, head)
+            for step, tier, ok_ms, err_ms, code, message, head in rows
+            if tier in _TIER_VALUES
+        }
 
     async def save_learnt_rules(
         self, tier_rules: TierRules, resolvers: Mapping[str, str] | None = None

@@ -275,6 +275,8 @@ def _names_seq(exc: SyncError, batch: OutboxBatch) -> int | None:
 
 
 StepName = Literal["config", "bootstrap", "push", "pull"]
+#: A step's unchanged outcome is written to the store at most this often (see Syncer._note).
+NOTE_EVERY_S: Final = 5.0
 _Step = tuple[StepName, Tier | None]
 
 
@@ -377,6 +379,8 @@ class Syncer:
         self._step_errors: dict[_Step, str] = {}  # final error code of each failing step
         self._drift_warned = False
         self._seqs_checked = False  # learn_config checked this file's seqs against the hub's
+        self._hub_head: dict[Tier, int] = {}  # the feed head the last pull page reported
+        self._noted: dict[_Step, tuple[float, str | None]] = {}  # see _note
 
     # -- config -------------------------------------------------------------------------------
 
@@ -458,6 +462,16 @@ class Syncer:
         return await self._push_lane(lane, _Tally())
 
     async def _push_lane(self, lane: int, tally: _Tally) -> int:
+        tier = Tier.from_priority(lane)
+        try:
+            pushed = await self._push_lane_body(lane, tally)
+        except SyncError as exc:
+            await self._note("push", tier, exc)
+            raise
+        await self._note("push", tier)
+        return pushed
+
+    async def _push_lane_body(self, lane: int, tally: _Tally) -> int:
         tier = Tier.from_priority(lane)
         outbox = self.store.outbox
         if not self._seqs_checked and await outbox.pending(lane):
@@ -584,6 +598,15 @@ class Syncer:
     async def _pull_tier(self, tier: Tier, wait_s: float, tally: _Tally) -> int:
         if not self.subscriptions:
             return 0
+        try:
+            applied = await self._pull_tier_body(tier, wait_s, tally)
+        except SyncError as exc:
+            await self._note("pull", tier, exc)
+            raise
+        await self._note("pull", tier, hub_head=self._hub_head.get(tier))
+        return applied
+
+    async def _pull_tier_body(self, tier: Tier, wait_s: float, tally: _Tally) -> int:
         name = f"pull:{tier.value}"
         applied = 0
         attempt = 0
@@ -630,6 +653,7 @@ class Syncer:
                 tally.pulled[tier] += done
                 crashpoints.crashpoint("pull.after_commit_before_next_page")
                 self._fold(page.hub_hlc)
+                self._hub_head[tier] = page.head
                 self.pull_sizer.success(len(page.changes))
                 if not page.more:
                     return applied
@@ -855,6 +879,29 @@ class Syncer:
                     step,
                     f" of {tier}" if tier else "",
                 )
+
+    async def _note(
+        self,
+        step: Literal["push", "pull"],
+        tier: Tier,
+        error: SyncError | None = None,
+        *,
+        hub_head: int | None = None,
+    ) -> None:
+        """Record a step's outcome in the store for ``syncengine status``: at once when it
+        changes (success to failure, another error code), else at most every
+        :data:`NOTE_EVERY_S` seconds, so a busy lane does not write on every push."""
+        key: _Step = (step, tier)
+        code = None if error is None else error.code
+        now = time.monotonic()
+        last = self._noted.get(key)
+        if last is not None and last[1] == code and now - last[0] < NOTE_EVERY_S:
+            return
+        self._noted[key] = (now, code)
+        try:
+            await self.store.note_step(step, tier, error=error, hub_head=hub_head)
+        except SyncError as exc:  # the store is closing: not worth failing the step for
+            log.debug("node %s: could not record the %s outcome: %s", self.store.node_id, step, exc)
 
     async def _pause(self, exc: SyncError, attempt: int, step: str, tier: str) -> None:
         """After transient failure number ``attempt`` (0-based) of one request: raise it when

@@ -318,6 +318,7 @@ class Hub:
         node = await self._node(request)
         async with db.translated("config"):
             acked = await snapshot.acked_seqs(self.pool, node.node_id)
+            head = await self.pool.fetchval("SELECT id FROM feed_head")
         body = {
             "v": PROTOCOL_VERSION,
             "region": self.config.region,
@@ -330,6 +331,7 @@ class Hub:
             # What the hub holds of the caller, per lane: a new store of a node that lost
             # its file numbers its queued changes after it (they are not replays).
             "acked": acked,
+            "feed_head": head,  # for the edge's `status`: its pull lag
         }
         if MSGPACK in request.headers.get("Accept", ""):
             return self._msgpack_response(request, body)

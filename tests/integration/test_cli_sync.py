@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,3 +70,60 @@ async def test_edge_sync_exits_one_when_the_hub_is_unreachable(hub, tmp_path: Pa
     status = await invoke("status", "--config", str(config), "--json")
     tiers = {t["tier"]: t for t in json.loads(status.output)["tiers"]}
     assert tiers["critical"]["depth"] == 1  # nothing lost, still queued
+
+
+async def test_status_tells_why_it_is_not_syncing(hub, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Pending changes in every tier, a dead letter, the hub away, then back."""
+    token = await hub.add_node("lagos-clinic-12", CELL)
+    online = edge_toml(tmp_path, hub.url, token)
+    offline_path = tmp_path / "offline.toml"
+    offline_path.write_text(online.read_text().replace(hub.url, f"http://127.0.0.1:{free_port()}"))
+    cells = {"critical": f"{CELL}/alerts", "important": f"{CELL}/stock", "standard": CELL,
+             "archive": f"{CELL}/2019"}
+    first = await invoke("edge", "sync", "--config", str(online), "--now")  # learn the rules
+    assert first.exit_code == 0, first.output
+    for tier, cell in cells.items():
+        put = await invoke("edge", "put", "--config", str(online), cell, "docs", tier, '{"n": 1}')
+        assert put.exit_code == 0, put.output
+    # A write outside the node's grants: the hub refuses it for good (a dead letter).
+    put = await invoke("edge", "put", "--config", str(online), "west/ng/abuja", "docs", "x", '{"n": 1}')
+    assert put.exit_code == 0, put.output
+
+    failed = await invoke("edge", "sync", "--config", str(offline_path), "--now")
+    assert failed.exit_code == 1
+    status = await invoke("status", "--config", str(offline_path), "--json")
+    assert status.exit_code == 1, status.output  # warning: nothing is late yet
+    data = json.loads(status.output)
+    assert data["hub"]["reachable"] is False and data["hub"]["error"]["code"] == "link_error"
+    tiers = {t["tier"]: t for t in data["tiers"]}
+    assert {t: tiers[t]["depth"] for t in cells} == {"critical": 1, "important": 1,
+                                                      "standard": 2, "archive": 1}
+    push = tiers["critical"]["last_push"]
+    assert push["failing"] and push["error"]["code"] == "link_error"
+    assert tiers["standard"]["pull_lag_source"] == "last_pull"  # from the first sync
+    assert data["db"]["disk_free_bytes"] > 0
+    table = await invoke("status", "--config", str(offline_path))
+    assert "unreachable" in table.output and "failing" in table.output
+
+    synced = await invoke("edge", "sync", "--config", str(online), "--now")
+    assert synced.exit_code == 0, synced.output
+    status = await invoke("status", "--config", str(online), "--json")
+    data = json.loads(status.output)
+    assert status.exit_code == 1  # the dead letter still wants an operator
+    assert data["dead_letters"]["count"] == 1
+    assert data["dead_letters"]["latest"][0]["code"] == "not_granted"
+    assert data["hub"]["reachable"] is True and abs(data["hub"]["clock_offset_ms"]) < 2000
+    assert data["hub"]["feed_head"] == await hub.hub.pool.fetchval("SELECT id FROM feed_head")
+    for t in data["tiers"]:
+        assert t["depth"] == 0 and t["pull_lag"] == 0 and t["pull_lag_source"] == "hub"
+        assert t["last_push"]["ok_at"] is not None and not t["last_push"]["failing"]
+
+    # --watch: one document per refresh until interrupted; the exit code is the last state's.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "syncengine", "status", "--config", str(online), "--json",
+        "--watch", "0.5", stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
+    assert proc.stdout is not None
+    docs = [json.loads(await asyncio.wait_for(proc.stdout.readline(), 20)) for _ in range(2)]
+    assert [d["kind"] for d in docs] == ["edge", "edge"]
+    proc.send_signal(signal.SIGINT)
+    assert await asyncio.wait_for(proc.wait(), 20) == 1
