@@ -597,6 +597,121 @@ def edge_bootstrap(config_path: Path) -> None:
     click.echo(f"bootstrap done: {records} records")
 
 
+def _dead_letter_id(text: str) -> tuple[int, int]:
+    """``tier:seq`` as `edge dead-letters` lists them."""
+    tier, _, seq = text.partition(":")
+    try:
+        return Tier(tier).priority, int(seq)
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is not TIER:SEQ (e.g. standard:42), as `edge dead-letters` lists them"
+        ) from None
+
+
+@edge.command("dead-letters")
+@config_option("The node's edge.toml.")
+@click.argument("ids", nargs=-1, metavar="[TIER:SEQ]...")
+@click.option("--retry", is_flag=True, help="Queue the named dead letters (or --all) again.")
+@click.option("--discard", is_flag=True, help="Delete the named dead letters (or --all).")
+@click.option("--all", "every", is_flag=True, help="Act on every dead letter.")
+@click.option("--yes", is_flag=True, help="Discard without asking for confirmation.")
+@click.option("--json", "as_json", is_flag=True, help="List as JSON.")
+def edge_dead_letters(
+    config_path: Path,
+    *,
+    ids: tuple[str, ...],
+    retry: bool,
+    discard: bool,
+    every: bool,
+    yes: bool,
+    as_json: bool,
+) -> None:
+    """List the changes the hub refused for good, retry them or discard them.
+
+    Without --retry or --discard: list them, oldest first, with the hub's reason. Name
+    them as TIER:SEQ, or use --all.
+
+    \b
+    --retry   queues them again (new seq, original stamp and fields): after fixing the
+              cause, e.g. widening the node's grants or setting the clock.
+    --discard deletes them; asks first unless --yes. Needs the hub: the local copies of
+              the records they touched are taken anew from it, since they still show
+              the discarded changes.
+    """
+    config = load_edge(config_path, "edge dead-letters")
+    _require_store_file(config)
+    if retry and discard:
+        raise click.UsageError("use --retry or --discard, not both")
+    if (retry or discard) and not (ids or every):
+        raise click.UsageError("name the dead letters (TIER:SEQ...) or use --all")
+    if (ids or every) and not (retry or discard):
+        raise click.UsageError("say what to do with them: --retry or --discard")
+    which = None if every else [_dead_letter_id(i) for i in ids]
+
+    async def listing() -> list[Any]:
+        async with open_store(config) as store:
+            return await store.outbox.dead_letters()
+
+    if not (retry or discard):
+        dead = run(listing())
+        rows = [
+            {
+                "id": f"{Tier.from_priority(d.lane)}:{d.seq}",
+                "cell": d.cell,
+                "collection": d.collection,
+                "key": d.key,
+                "code": d.code,
+                "message": d.message,
+                "fields": d.fields,
+                "written_at": _iso(d.created_at_ms),
+                "dead_at": _iso(d.dead_at_ms),
+            }
+            for d in dead
+        ]
+        if as_json:
+            _echo_json({"schema": STATUS_SCHEMA, "kind": "dead_letters", "dead_letters": rows})
+            return
+        if not rows:
+            click.echo("no dead letters")
+            return
+        table = Table(title=f"dead letters: {len(rows)}", title_justify="left")
+        for column in ("id", "record", "code", "message", "dead at (UTC)"):
+            table.add_column(column, no_wrap=column == "id")
+        for r in rows:
+            table.add_row(
+                r["id"],
+                escape(f"{r['cell']} {r['collection']} {r['key']}"),
+                escape(r["code"]),
+                escape(r["message"]),
+                _short_time(r["dead_at"]),
+            )
+        _console().print(table)
+        return
+    if retry:
+
+        async def requeue() -> int:
+            async with open_store(config) as store:
+                return await store.outbox.retry_dead_letters(which)
+
+        click.echo(f"queued again: {run(requeue())} changes")
+        return
+    what = "every dead letter" if every else f"{len(ids)} dead letters"
+    if not yes and not click.confirm(f"Discard {what}? The changes are lost for good."):
+        raise click.Abort
+
+    async def drop() -> int:
+        async with (
+            open_store(config) as store,
+            connect_link(config, load_regions()[config.region]) as link,
+        ):
+            await link.config()  # reachable? Else nothing is discarded.
+            touched = await store.outbox.discard_dead_letters(which)
+            await Syncer(store, link, subscriptions=config.subscriptions).refresh(touched)
+            return len(touched)
+
+    click.echo(f"discarded; {run(drop())} records taken anew from the hub")
+
+
 @edge.command("backup")
 @config_option("The node's edge.toml.")
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))

@@ -23,7 +23,7 @@ import aiosqlite
 import msgpack
 
 from syncengine.codec import encode
-from syncengine.errors import SequenceError
+from syncengine.errors import SequenceError, ValidationError
 from syncengine.merge import Change
 from syncengine.tiers import Tier
 
@@ -297,6 +297,59 @@ class Outbox:
             )
         return out
 
+    async def retry_dead_letters(self, which: Sequence[tuple[int, int]] | None = None) -> int:
+        """Queue dead letters again — ``which`` as ``(lane, seq)`` pairs, None for all — and
+        return how many. Each goes to the end of the lane its cell belongs to now (the tier
+        rules may have changed), under a new seq, with its original stamp and fields."""
+        store = self._store
+
+        async def body(conn: aiosqlite.Connection) -> int:
+            rows = await _selected_dead_letters(conn, which)
+            next_seq = {
+                lane: seq
+                for lane, seq in await conn.execute_fetchall("SELECT lane, next_seq FROM lanes")
+            }
+            now_ms = time.time_ns() // 1_000_000
+            queued = []
+            for lane, seq, cell, collection, key, hlc, payload in rows:
+                target = store._lane_of(cell)
+                queued.append(
+                    (target, next_seq[target], cell, collection, key, hlc, payload, now_ms)
+                )
+                next_seq[target] += 1
+                await conn.execute(
+                    "DELETE FROM dead_letters WHERE lane = ? AND seq = ?", (lane, seq)
+                )
+            await conn.executemany(
+                "INSERT INTO outbox (lane, seq, cell, collection, key, hlc, payload, "
+                "created_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                queued,
+            )
+            await conn.executemany(
+                "UPDATE lanes SET next_seq = ? WHERE lane = ?",
+                [(seq, lane) for lane, seq in next_seq.items()],
+            )
+            return len(queued)
+
+        return await store.run_exclusive(body)
+
+    async def discard_dead_letters(
+        self, which: Sequence[tuple[int, int]] | None = None
+    ) -> list[tuple[str, str, str]]:
+        """Delete dead letters — ``which`` as ``(lane, seq)`` pairs, None for all — and return
+        the records they touched. Their effect stays in the local copies of those records
+        until the hub's state is fetched again (``Syncer.refresh``)."""
+
+        async def body(conn: aiosqlite.Connection) -> list[tuple[str, str, str]]:
+            rows = await _selected_dead_letters(conn, which)
+            await conn.executemany(
+                "DELETE FROM dead_letters WHERE lane = ? AND seq = ?",
+                [(lane, seq) for lane, seq, *_ in rows],
+            )
+            return list(dict.fromkeys((cell, coll, key) for _, _, cell, coll, key, _, _ in rows))
+
+        return await self._store.run_exclusive(body)
+
     async def last_issued(self, lane: int) -> int:
         """The highest seq ``lane`` has handed out (0 before its first change): one row read,
         cheap enough to call before every push."""
@@ -334,3 +387,29 @@ class Outbox:
             )
             for lane, acked, nxt, depth, size, oldest, dead in rows
         ]
+
+
+async def _selected_dead_letters(
+    conn: aiosqlite.Connection, which: Sequence[tuple[int, int]] | None
+) -> list[Any]:
+    """Dead letters ``(lane, seq, cell, collection, key, hlc, payload)``, oldest first: all
+    of them, or those ``which`` names. Raises :class:`ValidationError` for a pair that is not
+    a dead letter, before anything changes."""
+    rows = list(
+        await conn.execute_fetchall(
+            "SELECT lane, seq, cell, collection, key, hlc, payload FROM dead_letters "
+            "ORDER BY dead_at_ms, lane, seq"
+        )
+    )
+    if which is None:
+        return rows
+    wanted = set(which)
+    missing = wanted - {(r[0], r[1]) for r in rows}
+    if missing:
+        shown = ", ".join(f"{Tier.from_priority(lane)}:{seq}" for lane, seq in sorted(missing))
+        raise ValidationError(
+            f"no dead letter {shown}",
+            hint="List them with `syncengine edge dead-letters`.",
+            code="no_dead_letter",
+        )
+    return [r for r in rows if (r[0], r[1]) in wanted]

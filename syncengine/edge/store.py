@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import sqlite3
@@ -700,6 +701,7 @@ class EdgeStore:
         *,
         bootstrap: Mapping[str, Any] | None = None,
         unevict: Sequence[RecordKey] = (),
+        absent: Sequence[RecordKey] = (),
     ) -> int:
         """Take the hub's state of ``records`` — ``(cell, collection, key, state, feed_id)``
         from a snapshot page or a read-back — in one transaction; return how many.
@@ -716,12 +718,19 @@ class EdgeStore:
 
         ``bootstrap`` is saved as the bootstrap's progress in the same transaction, so an
         interrupted bootstrap resumes after the last page it kept. ``unevict`` names records
-        asked for that are local again even if the hub sent nothing of them.
+        asked for that are local again even if the hub sent nothing of them. ``absent`` names
+        records the hub was asked for and does not hold: they become their queued changes
+        alone (or nothing).
         """
         if len(acked) != len(Tier):
             raise ValueError(f"acked needs one seq per lane, got {len(acked)}")
         progress = None if bootstrap is None else json.dumps(dict(bootstrap))
-        return await self._run_on_thread(self._adopt_tx, records, list(acked), progress, unevict)
+        return await self._run_on_thread(
+            functools.partial(self._adopt_tx, unevict=unevict, absent=absent),
+            records,
+            list(acked),
+            progress,
+        )
 
     def _adopt_tx(
         self,
@@ -729,16 +738,19 @@ class EdgeStore:
         records: Sequence[HubRecord],
         acked: list[int],
         progress: str | None,
+        *,
         unevict: Sequence[RecordKey] = (),
+        absent: Sequence[RecordKey] = (),
     ) -> int:
         self._follow_hub_seqs(conn, acked)
         keys = [(cell, coll, key) for cell, coll, key, _, _ in records]
+        empty = [rk for rk in absent if rk not in set(keys)]
         queued: dict[RecordKey, list[Change]] = {}
         for lane, seq, cell, coll, key, hlc, payload in _rows_for_keys(
             conn,
             "SELECT o.lane, o.seq, o.cell, o.collection, o.key, o.hlc, o.payload FROM outbox AS o",
             "o",
-            keys,
+            [*keys, *empty],
         ):
             if seq > acked[lane]:
                 queued.setdefault((cell, coll, key), []).append(
@@ -753,6 +765,16 @@ class EdgeStore:
             for change in queued.get(rk, ()):
                 state = apply_change(state, change, resolver).state
             rows.append((*_record_row(rk, state, now_ms), feed_id, now_ms))
+        for rk in empty:
+            none: RecordState | None = None
+            for change in queued.get(rk, ()):
+                none = apply_change(none, change, self.resolver_for(rk[1])).state
+            if none is None:
+                conn.execute(
+                    "DELETE FROM records WHERE cell = ? AND collection = ? AND key = ?", rk
+                )
+            else:
+                rows.append((*_record_row(rk, none, now_ms), None, None))
         conn.executemany(
             "INSERT INTO records (cell, collection, key, doc, state, hlc, deleted, updated_at_ms, "
             "hub_feed_id, synced_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "

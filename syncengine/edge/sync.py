@@ -55,7 +55,7 @@ from syncengine.errors import (
     ValidationError,
 )
 from syncengine.merge import RESOLVERS
-from syncengine.protocol import DEFAULT_MAX_BATCH_CHANGES, SnapshotPage
+from syncengine.protocol import DEFAULT_MAX_BATCH_CHANGES, MAX_RECORD_KEYS, SnapshotPage
 from syncengine.tiers import Tier, TierRules
 
 __all__ = [
@@ -767,6 +767,28 @@ class Syncer:
         self._fold_link()
         await self.store.adopt(page.records, page.acked, unevict=[(cell, collection, key)])
         return await self.store.get(cell, collection, key)
+
+    async def refresh(self, keys: Iterable[tuple[str, str, str]]) -> int:
+        """Take the hub's state of the records ``keys`` (``(cell, collection, key)``) anew,
+        with this node's queued changes on top; a record the hub does not hold becomes its
+        queued changes alone, or nothing. Returns how many records the hub held.
+
+        For local copies that went astray from the hub's, e.g. after discarding dead
+        letters. Raises the link's errors.
+        """
+        groups: dict[tuple[str, str], list[str]] = {}
+        for cell, collection, key in keys:
+            groups.setdefault((cell, collection), []).append(key)
+        held = 0
+        for (cell, collection), names in groups.items():
+            for i in range(0, len(names), MAX_RECORD_KEYS):
+                chunk = names[i : i + MAX_RECORD_KEYS]
+                page = await self.link.records(cell=cell, collection=collection, keys=chunk)
+                self._fold_link()
+                held += await self.store.adopt(
+                    page.records, page.acked, absent=[(cell, collection, k) for k in chunk]
+                )
+        return held
 
     # -- a round ------------------------------------------------------------------------------
 

@@ -48,6 +48,7 @@ from syncengine.hub.cache import Cache
 from syncengine.hub.metrics import HubMetrics
 from syncengine.merge import validate_collection, validate_key
 from syncengine.protocol import (
+    MAX_RECORD_KEYS,
     PROTOCOL_VERSION,
     decode_body,
     decode_push,
@@ -65,8 +66,6 @@ log = logging.getLogger(__name__)
 MSGPACK: Final = "application/msgpack"
 MAX_PULL_LIMIT: Final = 5000
 MAX_WAIT_S: Final = 60.0
-#: Most records one ``GET /v1/records`` names.
-MAX_RECORD_KEYS: Final = 500
 #: With Redis down, a long-poll re-reads PostgreSQL this often instead of waiting for pub/sub.
 POLL_FALLBACK_S: Final = 1.0
 #: Even with pub/sub healthy, a long-poll re-reads this often, bounding a lost wake-up.

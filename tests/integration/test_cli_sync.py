@@ -127,3 +127,45 @@ async def test_status_tells_why_it_is_not_syncing(hub, tmp_path: Path) -> None: 
     assert [d["kind"] for d in docs] == ["edge", "edge"]
     proc.send_signal(signal.SIGINT)
     assert await asyncio.wait_for(proc.wait(), 20) == 1
+
+
+async def test_dead_letters_are_listed_retried_and_discarded(hub, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    token = await hub.add_node("lagos-clinic-12", CELL)
+    config = str(edge_toml(tmp_path, hub.url, token))
+    abuja = "west/ng/abuja"  # outside the node's grants: refused for good
+    for key in ("x", "y"):
+        put = await invoke("edge", "put", "--config", config, abuja, "docs", key, '{"n": 1}')
+        assert put.exit_code == 0, put.output
+    refused = await invoke("edge", "sync", "--config", config, "--now")
+    assert refused.exit_code == 0 and "dead-lettered 2" in refused.output, refused.output
+    listed = await invoke("edge", "dead-letters", "--config", config, "--json")
+    assert listed.exit_code == 0, listed.output
+    dead = json.loads(listed.output)["dead_letters"]
+    assert [(d["key"], d["code"]) for d in dead] == [("x", "not_granted"), ("y", "not_granted")]
+    x_id, y_id = dead[0]["id"], dead[1]["id"]
+    table = await invoke("edge", "dead-letters", "--config", config)
+    assert x_id in table.output and "not_granted" in table.output
+
+    bad = await invoke("edge", "dead-letters", "--config", config, "--retry", "standard:999")
+    assert bad.exit_code == 1 and "no dead letter standard:999" in bad.output
+    unsure = await invoke("edge", "dead-letters", "--config", config, "--discard", y_id)
+    assert unsure.exit_code == 1  # no confirmation on stdin: nothing discarded
+    assert len(json.loads((await invoke(
+        "edge", "dead-letters", "--config", config, "--json")).output)["dead_letters"]) == 2
+
+    # The operator widens the grants; x goes again and lands.
+    await hub.hub.pool.execute(
+        "UPDATE nodes SET grants = $1 WHERE node_id = 'lagos-clinic-12'", [CELL, abuja])
+    retried = await invoke("edge", "dead-letters", "--config", config, "--retry", x_id)
+    assert retried.exit_code == 0 and "queued again: 1" in retried.output
+    assert (await invoke("edge", "sync", "--config", config, "--now")).exit_code == 0
+    assert await hub.hub.pool.fetchval(
+        "SELECT doc FROM records WHERE cell = $1 AND key = 'x'", abuja) is not None
+
+    # y is given up: the local copy follows the hub, which never had it.
+    gone = await invoke("edge", "dead-letters", "--config", config, "--discard", y_id, "--yes")
+    assert gone.exit_code == 0, gone.output
+    got = await invoke("edge", "get", "--config", config, abuja, "docs", "y")
+    assert got.exit_code == 1 and "not found" in got.output
+    listed = await invoke("edge", "dead-letters", "--config", config)
+    assert "no dead letters" in listed.output
