@@ -41,7 +41,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -59,6 +59,7 @@ from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from syncengine.cells import parse_prefix
 from syncengine.clock import hlc_millis
 from syncengine.config import EdgeConfig, HubConfig, load_config, mask_url
 from syncengine.demo import run_demo
@@ -977,6 +978,107 @@ def hub_revoke(node_id: str, config_path: Path) -> None:
 
     run(revoke())
     click.echo(f"revoked {node_id}")
+
+
+_RELATIVE_SINCE: Final = {"m": 60, "h": 3600, "d": 86400}
+
+
+def _since(text: str | None) -> datetime | None:
+    """``--since``: an ISO 8601 time (UTC when no offset is given) or an age like 30m, 6h, 7d."""
+    if text is None:
+        return None
+    amount, unit = text[:-1], text[-1:]
+    if amount.isdigit() and unit in _RELATIVE_SINCE:
+        return datetime.now(UTC) - timedelta(seconds=int(amount) * _RELATIVE_SINCE[unit])
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is neither an ISO 8601 time (2026-05-01T10:00) nor an age (30m, 6h, 7d)",
+            param_hint="--since",
+        ) from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+@hub.command("conflicts")
+@config_option("The region's hub.toml.")
+@click.option("--cell", "prefix", default=None, help="Only records under this cell prefix.")
+@click.option(
+    "--since", default=None, help="Only conflicts logged since (ISO 8601, or 7d, 6h, 30m)."
+)
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def hub_conflicts(
+    config_path: Path, *, prefix: str | None, since: str | None, limit: int, as_json: bool
+) -> None:
+    """List the conflict log, newest first: for each field two nodes wrote concurrently, the
+    value that won and the value that lost (kept here; nothing is lost silently).
+
+    \b
+    --json prints {"schema": 1, "kind": "conflicts", "conflicts": [{id, logged_at, cell,
+      collection, key, field, winner: {node, hlc, value, deleted}, loser: {node, hlc,
+      value}}]}
+    """
+    config = load_hub(config_path, "hub conflicts")
+    cell = parse_prefix(prefix) if prefix is not None else None
+    after = _since(since)
+
+    async def listing() -> list[Any]:
+        async with _hub_pool(config) as pool, hub_db.translated("conflicts"):
+            return list(
+                await pool.fetch(
+                    "SELECT id, logged_at, cell, collection, key, field, winner_value, "
+                    "winner_hlc, winner_node, winner_deleted, loser_value, loser_hlc, loser_node "
+                    "FROM conflicts WHERE ($1::text IS NULL OR cell = $1 "
+                    "OR starts_with(cell, $1 || '/')) AND ($2::timestamptz IS NULL "
+                    "OR logged_at >= $2) ORDER BY logged_at DESC, id DESC LIMIT $3",
+                    cell,
+                    after,
+                    limit,
+                )
+            )
+
+    rows = [
+        {
+            "id": r["id"],
+            "logged_at": r["logged_at"].isoformat(timespec="seconds"),
+            "cell": r["cell"],
+            "collection": r["collection"],
+            "key": r["key"],
+            "field": r["field"],
+            "winner": {
+                "node": r["winner_node"],
+                "hlc": r["winner_hlc"],
+                "value": None if r["winner_value"] is None else json.loads(r["winner_value"]),
+                "deleted": r["winner_deleted"],
+            },
+            "loser": {
+                "node": r["loser_node"],
+                "hlc": r["loser_hlc"],
+                "value": None if r["loser_value"] is None else json.loads(r["loser_value"]),
+            },
+        }
+        for r in run(listing())
+    ]
+    if as_json:
+        _echo_json({"schema": STATUS_SCHEMA, "kind": "conflicts", "conflicts": rows})
+        return
+    if not rows:
+        click.echo("no conflicts")
+        return
+    table = Table(title=f"conflicts (newest first, at most {limit})", title_justify="left")
+    for column in ("logged (UTC)", "record", "field", "winner", "loser"):
+        table.add_column(column)
+    for c in rows:
+        won = "deleted" if c["winner"]["deleted"] else json.dumps(c["winner"]["value"])
+        table.add_row(
+            _short_time(c["logged_at"]),
+            escape(f"{c['cell']} {c['collection']} {c['key']}"),
+            escape(c["field"]),
+            escape(f"{c['winner']['node']}: {won}"),
+            escape(f"{c['loser']['node']}: {json.dumps(c['loser']['value'])}"),
+        )
+    _console().print(table)
 
 
 @hub.command("nodes")

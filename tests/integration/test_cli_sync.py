@@ -169,3 +169,39 @@ async def test_dead_letters_are_listed_retried_and_discarded(hub, tmp_path: Path
     assert got.exit_code == 1 and "not found" in got.output
     listed = await invoke("edge", "dead-letters", "--config", config)
     assert "no dead letters" in listed.output
+
+
+async def test_hub_conflicts_lists_both_sides(hub, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    configs = []
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        token = await hub.add_node(f"clinic-{name}", CELL)
+        path = edge_toml(folder, hub.url, token)
+        path.write_text(path.read_text().replace("lagos-clinic-12", f"clinic-{name}"))
+        configs.append(str(path))
+        put = await invoke("edge", "put", "--config", str(path), CELL, "patients", "p1",
+                           json.dumps({"ward": name}))
+        assert put.exit_code == 0, put.output
+    for config in configs:
+        assert (await invoke("edge", "sync", "--config", config, "--now")).exit_code == 0
+    hub_toml = tmp_path / "hub.toml"
+    hub_toml.write_text(f'region = "west"\ndatabase_url = "{hub.config.database_url}"\n')
+
+    listed = await invoke("hub", "conflicts", "--config", str(hub_toml), "--json")
+    assert listed.exit_code == 0, listed.output
+    (c,) = json.loads(listed.output)["conflicts"]
+    assert (c["cell"], c["key"], c["field"]) == (CELL, "p1", "ward")
+    assert {c["winner"]["node"], c["loser"]["node"]} == {"clinic-a", "clinic-b"}
+    assert {c["winner"]["value"], c["loser"]["value"]} == {"a", "b"}
+    table = await invoke("hub", "conflicts", "--config", str(hub_toml), "--cell", CELL)
+    assert "p1" in table.output and "clinic-a" in table.output
+    for args in (["--cell", "west/ng/abuja"], ["--since", "2999-01-01"]):
+        none = await invoke("hub", "conflicts", "--config", str(hub_toml), *args)
+        assert none.exit_code == 0 and "no conflicts" in none.output
+    recent = await invoke("hub", "conflicts", "--config", str(hub_toml), "--since", "1h", "--json")
+    assert len(json.loads(recent.output)["conflicts"]) == 1
+    bad = await invoke("hub", "conflicts", "--config", str(hub_toml), "--since", "yesterday")
+    assert bad.exit_code == 2 and "neither an ISO 8601 time" in bad.output
+    bad = await invoke("hub", "conflicts", "--config", str(hub_toml), "--cell", "West/../x")
+    assert bad.exit_code == 1 and "error:" in bad.output
