@@ -46,10 +46,13 @@ from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
 from typing import Any, Final, Literal
 
+from aiohttp import web
+
 from syncengine import service
-from syncengine.config import EdgeConfig
+from syncengine.config import EdgeConfig, parse_listen
 from syncengine.edge import sqlite as edge_sqlite
 from syncengine.edge.link import HubLink
+from syncengine.edge.metrics import EdgeMetrics
 from syncengine.edge.store import EdgeStore
 from syncengine.edge.sync import Backoff, Syncer, is_transient
 from syncengine.errors import (
@@ -292,6 +295,7 @@ class EdgeDaemon:
         self._last_success: dict[str, dt.datetime] = {}
         self._final_errors: dict[str, str] = {}
         self._closed = False
+        self._metrics = EdgeMetrics(config.node_id) if config.metrics_listen else None
 
     # -- what the application sees ------------------------------------------------------------
 
@@ -367,6 +371,8 @@ class EdgeDaemon:
                 self._link = await self._stack.enter_async_context(
                     connect_link(self.config, self.region)
                 )
+            if self.config.metrics_listen is not None:
+                await self._serve_metrics(self.config.metrics_listen)
         except BaseException:
             await self._stack.aclose()
             raise
@@ -376,6 +382,7 @@ class EdgeDaemon:
             subscriptions=self.config.subscriptions,
             attempts=STEP_ATTEMPTS,
             log_link_state=False,
+            observer=self._metrics,
         )
         self._reach = _Reachability(self.config.node_id, self._link.origin, self._notify)
         self._main = asyncio.create_task(
@@ -396,6 +403,32 @@ class EdgeDaemon:
             ", ".join(self.config.subscriptions) or "none",
         )
         self._notify("READY=1")
+
+    async def _serve_metrics(self, listen: str) -> None:
+        """Serve ``/metrics`` (Prometheus) on ``listen`` until the daemon closes."""
+        host, port = parse_listen(listen)
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics_page)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        self._stack.push_async_callback(runner.cleanup)
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as exc:
+            raise ConfigError(
+                f"metrics_listen {listen}: cannot listen there: {exc.strerror or exc}",
+                hint="Pick a free port, or an address of this machine, in edge.toml.",
+                detail={"key": "metrics_listen"},
+            ) from None
+        log.info("node %s: metrics on http://%s/metrics", self.config.node_id, listen)
+
+    async def _metrics_page(self, request: web.Request) -> web.Response:
+        if self._metrics is None or self._syncer is None:
+            raise web.HTTPServiceUnavailable(text="starting")
+        body, content_type = await self._metrics.render(
+            self.store, self._syncer.link, link_up=self.link_state is LinkState.ONLINE
+        )
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def wait(self) -> None:
         """Wait until the daemon stops by itself (only on a failure, which is raised)."""

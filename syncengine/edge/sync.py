@@ -34,7 +34,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
 from syncengine import crashpoints
 from syncengine.cells import covers, covers_any, parse_prefix
@@ -70,6 +70,7 @@ __all__ = [
     "PriorityGate",
     "RoundError",
     "StepName",
+    "SyncObserver",
     "SyncReport",
     "Syncer",
     "is_transient",
@@ -312,6 +313,14 @@ class SyncReport:
     duration_s: float
 
 
+class SyncObserver(Protocol):
+    """What a :class:`Syncer` reports as it works (e.g. to Prometheus metrics)."""
+
+    def batch_pushed(self, tier: Tier, changes: int) -> None: ...
+    def page_pulled(self, tier: Tier, changes: int) -> None: ...
+    def step_failed(self, step: str, code: str) -> None: ...
+
+
 @dataclass(slots=True)
 class _Tally:
     """Counts of one call, kept even when the call ends in an error."""
@@ -351,11 +360,14 @@ class Syncer:
         attempts: int = DEFAULT_ATTEMPTS,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         log_link_state: bool = True,
+        observer: SyncObserver | None = None,
     ) -> None:
         if attempts < 1:
             raise ValueError(f"attempts must be >= 1, not {attempts!r}")
         self.store = store
         self.link = link
+        #: Told of every acknowledged batch, applied page and failed step (metrics).
+        self.observer = observer
         self.subscriptions = tuple(dict.fromkeys(parse_prefix(p) for p in subscriptions))
         self.sizer = sizer if sizer is not None else BatchSizer()
         self.pull_sizer = (
@@ -519,6 +531,8 @@ class Syncer:
                 done = await outbox.ack(lane, answer.acked)
                 pushed += done
                 tally.pushed[tier] += done
+                if self.observer is not None:
+                    self.observer.batch_pushed(tier, done)
                 self._fold(answer.hub_hlc)
                 self.sizer.success(len(batch.changes))
                 if cap is not None:
@@ -651,6 +665,8 @@ class Syncer:
                 )
                 applied += done
                 tally.pulled[tier] += done
+                if self.observer is not None:
+                    self.observer.page_pulled(tier, done)
                 crashpoints.crashpoint("pull.after_commit_before_next_page")
                 self._fold(page.hub_hlc)
                 self._hub_head[tier] = page.head
@@ -915,6 +931,8 @@ class Syncer:
         :data:`NOTE_EVERY_S` seconds, so a busy lane does not write on every push."""
         key: _Step = (step, tier)
         code = None if error is None else error.code
+        if code is not None and self.observer is not None:
+            self.observer.step_failed(step, code)
         now = time.monotonic()
         last = self._noted.get(key)
         if last is not None and last[1] == code and now - last[0] < NOTE_EVERY_S:

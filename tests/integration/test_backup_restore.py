@@ -122,7 +122,7 @@ async def test_backup_and_restore_commands_refuse_bad_input(tmp_path: Path) -> N
         await restore_backup(foreign, tmp_path / "edge-c.db", node_id="edge-c", region="west")
     damaged = tmp_path / "damaged.db"
     raw = bytearray(copy.read_bytes())
-    raw[len(raw) // 2 : len(raw) // 2 + 512] = b"\xff" * 512
+    raw[4096:] = b"\xff" * (len(raw) - 4096)  # every page after the schema's
     damaged.write_bytes(bytes(raw))
     with pytest.raises(CorruptStoreError):
         await restore_backup(damaged, tmp_path / "edge-c.db", node_id="edge-c", region="west")

@@ -10,16 +10,21 @@ import datetime as dt
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from support.proxy import ProxyFactory
+from support.servers import free_port
 from syncengine.config import EdgeConfig
 from syncengine.edge.daemon import EdgeDaemon, LinkState
+from syncengine.edge.link import HubLink
 from syncengine.edge.store import EdgeStore
+from syncengine.edge.sync import Syncer
 from syncengine.regions import load_regions
 from syncengine.tiers import Tier
 
@@ -33,11 +38,20 @@ VISITS = f"{CELL}/visits"  # standard (no rule)
 WEST = load_regions()["west"]
 
 
-def edge_config(tmp_path: Path, url: str, token: str, **policies: dict[str, Any]) -> EdgeConfig:
+def edge_config(
+    tmp_path: Path,
+    url: str,
+    token: str,
+    *,
+    metrics_listen: str | None = None,
+    **policies: dict[str, Any],
+) -> EdgeConfig:
     """An edge config for node ``n1`` with the hub's tier rules (so the store lanes match
     before the first sync) and ``policies`` as ``[tier_policies.<tier>]`` overrides."""
+    extra = {"metrics_listen": metrics_listen} if metrics_listen else {}
     return EdgeConfig.from_mapping(
         {
+            **extra,
             "node_id": "n1",
             "region": "west",
             "db": str(tmp_path / "n1.db"),
@@ -280,3 +294,80 @@ async def test_close_is_prompt_and_leaves_the_store_consistent(tmp_path: Path, h
         landed = await hub.hub.pool.fetchval("SELECT count(*) FROM feed WHERE lane = 0")
         # Every write is either at the hub or still queued; nothing is in between.
         assert pending.depth + landed == 500
+
+
+# ------------------------------------------------------------------------------- metrics
+
+
+async def scrape(http: aiohttp.ClientSession, url: str) -> dict[tuple[str, frozenset[Any]], float]:
+    """Every sample of a /metrics page, parsed by prometheus-client's own parser."""
+    async with http.get(url) as resp:
+        assert resp.status == 200, await resp.text()
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        text = await resp.text()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def moved(
+    before: dict[tuple[str, frozenset[Any]], float],
+    after: dict[tuple[str, frozenset[Any]], float],
+    name: str,
+    **labels: str,
+) -> float:
+    key = (name, frozenset(labels.items()))
+    assert key in after, f"{name}{labels} is not exported"
+    return after[key] - before.get(key, 0.0)
+
+
+async def test_both_metrics_endpoints_move_when_work_happens(tmp_path: Path, hub: Any) -> None:
+    token = await hub.add_node("n1")
+    port = free_port()
+    config = edge_config(tmp_path, hub.url, token, metrics_listen=f"127.0.0.1:{port}")
+    other_token = await hub.add_node("n2")
+    async with AsyncExitStack() as stack:
+        daemon = await stack.enter_async_context(running(config))
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        edge_url, hub_url = f"http://127.0.0.1:{port}/metrics", f"{hub.url}/metrics"
+        await until(lambda: _true(daemon.health().bootstrapped), timeout=10, what="bootstrap")
+        edge0, hub0 = await scrape(http, edge_url), await scrape(http, hub_url)
+        assert edge0[("syncengine_edge_link_up", frozenset())] == 1
+
+        # A critical write leaves at once; another node's write is pulled live.
+        await daemon.store.put(ALERTS, "alarms", "m1", {"level": 1})
+        await until(at_hub(hub, ALERTS, "m1"), timeout=10, what="the push")
+        other = await stack.enter_async_context(
+            EdgeStore.open(tmp_path / "n2.db", node_id="n2", region="west",
+                           tier_rules=config.tier_rules)
+        )
+        link = await stack.enter_async_context(HubLink(hub.url, other_token, node_id="n2"))
+        await other.put(ALERTS, "alarms", "m2", {"level": 2})
+        assert (await Syncer(other, link, subscriptions=[]).sync_once()).caught_up
+
+        async def pulled() -> bool:
+            return await daemon.store.get(ALERTS, "alarms", "m2") is not None
+
+        await until(pulled, timeout=10, what="the live pull")
+        await daemon.store.put(VISITS, "visits", "v1", {"x": 1})  # standard: waits off-peak
+        edge1, hub1 = await scrape(http, edge_url), await scrape(http, hub_url)
+
+    assert moved(edge0, edge1, "syncengine_edge_pushes_total", tier="critical") >= 1
+    assert moved(edge0, edge1, "syncengine_edge_changes_pushed_total", tier="critical") == 1
+    assert moved(edge0, edge1, "syncengine_edge_changes_pulled_total", tier="critical") == 1
+    assert moved(edge0, edge1, "syncengine_edge_pulls_total", tier="critical") >= 1
+    assert moved(edge0, edge1, "syncengine_edge_push_batch_changes_count") >= 1
+    assert moved(edge0, edge1, "syncengine_edge_sent_bytes_total") > 0
+    assert moved(edge0, edge1, "syncengine_edge_received_bytes_total") > 0
+    assert edge1[("syncengine_edge_queue_depth", frozenset({("tier", "standard")}))] == 1
+    assert edge1[("syncengine_edge_queue_depth", frozenset({("tier", "critical")}))] == 0
+    assert edge1[("syncengine_edge_oldest_pending_age_seconds",
+                  frozenset({("tier", "standard")}))] >= 0
+    assert ("syncengine_edge_pull_lag", frozenset({("tier", "critical")})) in edge1
+    assert edge1[("syncengine_edge_dead_letters", frozenset())] == 0
+    assert moved(hub0, hub1, "syncengine_hub_pushes_total", tier="critical") >= 2
+    assert moved(hub0, hub1, "syncengine_hub_changes_applied_total") == 2
+    assert moved(hub0, hub1, "syncengine_hub_received_bytes_total") > 0
+    assert moved(hub0, hub1, "syncengine_hub_pulls_total", tier="critical") >= 1
