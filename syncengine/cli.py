@@ -40,7 +40,7 @@ import signal
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from importlib import metadata
 from pathlib import Path
@@ -66,6 +66,7 @@ from syncengine.demo import run_demo
 from syncengine.edge import sqlite as edge_sqlite
 from syncengine.edge.backup import backup_file, restore_backup
 from syncengine.edge.daemon import EdgeDaemon, connect_link, open_store
+from syncengine.edge.recover import RecoveryReport, recover_store
 from syncengine.edge.store import StepRecord
 from syncengine.edge.sync import Syncer, SyncReport
 from syncengine.errors import ConfigError, MigrationError, StorageError, SyncError, ValidationError
@@ -580,22 +581,63 @@ def edge_bootstrap(config_path: Path) -> None:
     async def fetch() -> int:
         async with open_store(config) as store, link:
             syncer = Syncer(store, link, subscriptions=config.subscriptions)
-            columns = (
-                TextColumn("{task.description}"),
-                SpinnerColumn(),
-                TextColumn("{task.completed:,} records"),
-                TimeElapsedColumn(),
-            )
-            with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
-                task = bar.add_task("bootstrap", total=None)
-
-                def progress(records: int, prefix: str) -> None:
-                    bar.update(task, completed=records, description=f"bootstrap {prefix}")
-
+            with _snapshot_progress() as progress:
                 return await syncer.bootstrap(progress=progress)
 
     records = run(fetch())
     click.echo(f"bootstrap done: {records} records")
+
+
+@contextlib.contextmanager
+def _snapshot_progress() -> Iterator[Callable[[int, str], None]]:
+    """A progress bar on stderr for a snapshot fetch; yields its ``progress`` callback."""
+    columns = (
+        TextColumn("{task.description}"),
+        SpinnerColumn(),
+        TextColumn("{task.completed:,} records"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+        task = bar.add_task("bootstrap", total=None)
+
+        def progress(records: int, prefix: str) -> None:
+            bar.update(task, completed=records, description=f"bootstrap {prefix}")
+
+        yield progress
+
+
+@edge.command("recover")
+@config_option("The node's edge.toml.")
+def edge_recover(config_path: Path) -> None:
+    """Rebuild a damaged edge store, keeping every change that can still be read.
+
+    Salvages the readable changes of the damaged file's outbox, moves the file aside
+    (`<db>.damaged-<time>`, never deleted), builds a new store from the hub's snapshot and
+    queues again the salvaged changes the hub does not hold yet. Stop the edge daemon
+    first. Needs the hub: without it nothing is touched.
+    """
+    config = load_edge(config_path, "edge recover")
+    _require_store_file(config)
+    link = connect_link(config, load_regions()[config.region])
+
+    async def rebuild() -> RecoveryReport:
+        async with link:
+            with _snapshot_progress() as progress:
+                return await recover_store(
+                    config.db,
+                    open_new=lambda: open_store(config),
+                    link=link,
+                    subscriptions=config.subscriptions,
+                    progress=progress,
+                )
+
+    report = run(rebuild())
+    click.echo(
+        f"recovered {config.db}: {report.salvaged} changes salvaged "
+        f"({report.held_by_hub} already at the hub, {report.requeued} queued again), "
+        f"{report.unreadable} unreadable; {report.records} records from the hub. "
+        f"The damaged file is {report.damaged_moved_to}."
+    )
 
 
 def _dead_letter_id(text: str) -> tuple[int, int]:
