@@ -205,3 +205,42 @@ async def test_hub_conflicts_lists_both_sides(hub, tmp_path: Path) -> None:  # t
     assert bad.exit_code == 2 and "neither an ISO 8601 time" in bad.output
     bad = await invoke("hub", "conflicts", "--config", str(hub_toml), "--cell", "West/../x")
     assert bad.exit_code == 1 and "error:" in bad.output
+
+
+async def test_hub_verify_finds_what_was_broken(hub, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    token = await hub.add_node("lagos-clinic-12", CELL)
+    config = str(edge_toml(tmp_path, hub.url, token))
+    for i in range(6):
+        put = await invoke("edge", "put", "--config", config, f"{CELL}/stock", "stock", "item",
+                           json.dumps({"qty": i + 1}))
+        assert put.exit_code == 0, put.output
+        put = await invoke("edge", "put", "--config", config, CELL, "visits", f"v{i}",
+                           json.dumps({"i": i}))
+        assert put.exit_code == 0, put.output
+    assert (await invoke("edge", "sync", "--config", config, "--now")).exit_code == 0
+    hub_toml = tmp_path / "hub.toml"
+    hub_toml.write_text(f'region = "west"\ndatabase_url = "{hub.config.database_url}"\n'
+                        'resolvers = { stock = "counter" }\n')
+
+    clean = await invoke("hub", "verify", "--config", str(hub_toml), "--deep", "--json")
+    assert clean.exit_code == 0, clean.output
+    report = json.loads(clean.output)
+    assert report["ok"] and len(report["checks"]) == 7
+
+    pool = hub.hub.pool
+    await pool.execute("UPDATE node_lanes SET acked_seq = 1")
+    await pool.execute("UPDATE records SET state = (SELECT state FROM records "
+                       "WHERE key = 'v0') WHERE key = 'v1'")
+    await pool.execute("DELETE FROM feed WHERE id = (SELECT feed_id FROM records WHERE key = 'v5')")
+    broken = await invoke("hub", "verify", "--config", str(hub_toml), "--deep", "--json")
+    assert broken.exit_code == 1
+    failed = {c["name"]: c for c in json.loads(broken.output)["checks"] if not c["ok"]}
+    assert set(failed) == {
+        "feed ids are contiguous and end at the head",
+        "every change in the feed is at or below its node's acknowledged seq",
+        "every record's last feed entry exists",
+        "records equal the replay of the feed",
+    }, failed
+    assert any("v1" in e for e in failed["records equal the replay of the feed"]["examples"])
+    table = await invoke("hub", "verify", "--config", str(hub_toml))
+    assert table.exit_code == 1 and "found" in table.output and "ok" in table.output
