@@ -464,3 +464,18 @@ def test_the_example_configs_load() -> None:
     # And each is recognised for what it is by the loader `migrate` and `status` use.
     assert load_config(REPO / "deploy" / "edge.toml.example", env={}) == edge
     assert load_config(REPO / "deploy" / "hub.toml.example", env={}) == hub
+
+
+def test_the_compose_configs_load_and_match() -> None:
+    """deploy/compose.yaml's hub (with its DATABASE_URL) and edges: each edge subscribes
+    within the region, and its token file is the one the register service writes."""
+    folder = REPO / "deploy" / "compose"
+    hub = load_hub_config(folder / "hub.toml", env={"DATABASE_URL": "postgresql://h/db"})
+    assert hub.region == "west" and hub.listen_port == 8400
+    compose = (REPO / "deploy" / "compose.yaml").read_text()
+    for name in ("clinic", "pharmacy", "school"):
+        edge = load_edge_config(folder / f"edge-{name}.toml", env={})
+        assert edge.node_id == name and edge.hub_url == "http://lb:8400"
+        assert str(edge.token_file) == f"/tokens/{name}"
+        assert all(s.startswith("west/") for s in edge.subscriptions)
+        assert f"{name}:{edge.subscriptions[0]}" in compose  # registered with that grant
