@@ -1395,9 +1395,22 @@ async def edge_status(config: EdgeConfig) -> dict[str, Any]:
 
 _HUB_NODES_SQL: Final = (
     "SELECT n.node_id, n.region, n.grants, n.last_seen, n.revoked_at IS NOT NULL AS revoked, "
-    "coalesce(jsonb_object_agg(l.lane, l.acked_seq) FILTER (WHERE l.lane IS NOT NULL), '{}') "
-    "AS acked FROM nodes n LEFT JOIN node_lanes l USING (node_id) "
-    "GROUP BY n.node_id ORDER BY n.node_id"
+    "n.last_error_code, n.last_error, n.last_error_at, "
+    "coalesce((SELECT jsonb_object_agg(l.lane, l.acked_seq) FROM node_lanes l "
+    "WHERE l.node_id = n.node_id), '{}') AS acked, "
+    "coalesce((SELECT jsonb_object_agg(p.tier, p.cursor) FROM node_pulls p "
+    "WHERE p.node_id = n.node_id), '{}') AS cursors "
+    "FROM nodes n ORDER BY n.node_id"
+)
+#: Ingest over the last five minutes: an index range over the newest feed ids (ids follow
+#: commit order), bounded so a huge feed is never scanned whole.
+_INGEST_SQL: Final = (
+    "SELECT count(*) FROM feed WHERE id > (SELECT id FROM feed_head) - 1000000 "
+    "AND applied_at > now() - interval '5 minutes'"
+)
+_POOL_SQL: Final = (
+    "SELECT (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()), "
+    "current_setting('max_connections')::int"
 )
 
 
@@ -1411,7 +1424,14 @@ async def _hub_database(config: HubConfig) -> dict[str, Any]:
         "error": None,
         "hint": None,
     }
-    out: dict[str, Any] = {"database": database, "feed_head": None, "conflicts": None, "nodes": []}
+    out: dict[str, Any] = {
+        "database": database,
+        "feed_head": None,
+        "conflicts": None,
+        "ingest": None,
+        "connections": None,
+        "nodes": [],
+    }
     try:
         pool = await hub_db.connect_pool(
             config.database_url, min_size=_POOL_MIN, max_size=_POOL_MAX, migrate=False
@@ -1429,8 +1449,12 @@ async def _hub_database(config: HubConfig) -> dict[str, Any]:
                 )
                 return out
             database["migrated"] = True
-            out["feed_head"] = await pool.fetchval("SELECT id FROM feed_head")
+            out["feed_head"] = head = await pool.fetchval("SELECT id FROM feed_head")
             out["conflicts"] = await pool.fetchval("SELECT count(*) FROM conflicts")
+            ingested = await pool.fetchval(_INGEST_SQL)
+            out["ingest"] = {"changes_5m": ingested, "per_s": round(ingested / 300, 2)}
+            used, limit = await pool.fetchrow(_POOL_SQL)
+            out["connections"] = {"used": used, "max": limit}
             rows = await pool.fetch(_HUB_NODES_SQL)
     except SyncError as exc:
         database.update(error=exc.message, hint=exc.hint)
@@ -1439,6 +1463,7 @@ async def _hub_database(config: HubConfig) -> dict[str, Any]:
         await pool.close()
     for r in rows:
         acked = {int(lane): seq for lane, seq in json.loads(r["acked"]).items()}
+        cursors = {int(tier): c for tier, c in json.loads(r["cursors"]).items()}
         out["nodes"].append(
             {
                 "node_id": r["node_id"],
@@ -1447,6 +1472,19 @@ async def _hub_database(config: HubConfig) -> dict[str, Any]:
                 "last_seen": r["last_seen"].isoformat() if r["last_seen"] else None,
                 "revoked": r["revoked"],
                 "acked_seq": {t.value: acked.get(t.priority, 0) for t in Tier.by_priority()},
+                # Feed entries behind the head, per tier it pulls (as of its last pull).
+                "pull_lag": {
+                    t.value: max(0, head - cursors[t.priority])
+                    for t in Tier.by_priority()
+                    if t.priority in cursors
+                },
+                "last_error": None
+                if r["last_error_code"] is None
+                else {
+                    "code": r["last_error_code"],
+                    "message": r["last_error"],
+                    "at": r["last_error_at"].isoformat(timespec="seconds"),
+                },
             }
         )
     return out
@@ -1455,7 +1493,13 @@ async def _hub_database(config: HubConfig) -> dict[str, Any]:
 async def _hub_cache(config: HubConfig) -> dict[str, Any]:
     """One PING, as the hub's ``/readyz`` does; Redis down only degrades a hub."""
     if config.redis_url is None:
-        return {"url": None, "configured": False, "state": "not_configured", "error": None}
+        return {
+            "url": None,
+            "configured": False,
+            "state": "not_configured",
+            "error": None,
+            "hit_ratio": None,
+        }
     out: dict[str, Any] = {"url": mask_url(config.redis_url), "configured": True}
     # No retries: one bounded attempt is the answer a status needs.
     client = aioredis.Redis.from_url(
@@ -1465,11 +1509,13 @@ async def _hub_cache(config: HubConfig) -> dict[str, Any]:
         retry=Retry(NoBackoff(), 0),
     )
     try:
-        await asyncio.wait_for(client.ping(), timeout=2 * _REDIS_TIMEOUT_S)
+        stats = await asyncio.wait_for(client.info("stats"), timeout=2 * _REDIS_TIMEOUT_S)
     except (RedisError, OSError, TimeoutError) as exc:
-        out.update(state="degraded", error=f"{type(exc).__name__}: {exc}")
+        out.update(state="degraded", error=f"{type(exc).__name__}: {exc}", hit_ratio=None)
     else:
-        out.update(state="ok", error=None)
+        hits, misses = int(stats.get("keyspace_hits", 0)), int(stats.get("keyspace_misses", 0))
+        ratio = round(hits / (hits + misses), 3) if hits + misses else None
+        out.update(state="ok", error=None, hit_ratio=ratio)
     finally:
         with contextlib.suppress(RedisError, OSError):
             await client.aclose()
@@ -1586,7 +1632,14 @@ def _render_hub(data: Mapping[str, Any]) -> None:
     console.print(f"cache    {escape(cache['url'] or '-')} · [{cache_style}]{cache['state']}[/]")
     if not database["migrated"]:
         return
-    console.print(f"feed head {data['feed_head']} · conflicts logged {data['conflicts']}")
+    ingest, conns = data["ingest"], data["connections"]
+    console.print(
+        f"feed head {data['feed_head']} · ingest {ingest['per_s']}/s (last 5 min) · "
+        f"conflicts logged {data['conflicts']} · PostgreSQL connections "
+        f"{conns['used']}/{conns['max']}"
+    )
+    if cache.get("hit_ratio") is not None:
+        console.print(f"cache hit ratio {cache['hit_ratio']:.0%} (Redis-wide)")
     table = Table(
         title="nodes",
         title_justify="left",
@@ -1597,14 +1650,23 @@ def _render_hub(data: Mapping[str, Any]) -> None:
     table.add_column("last seen (UTC)", no_wrap=True)
     table.add_column("state")
     table.add_column("acked seq", no_wrap=True)
+    table.add_column("pull lag", justify="right")
     for n in data["nodes"]:
         table.add_row(
             escape(n["node_id"]),
             _short_time(n["last_seen"]),
             "[red]revoked[/]" if n["revoked"] else "[green]active[/]",
             "/".join(str(n["acked_seq"][t.value]) for t in Tier.by_priority()),
+            str(max(n["pull_lag"].values())) if n["pull_lag"] else "-",
         )
     console.print(table)
+    for n in data["nodes"]:
+        error = n["last_error"]
+        if error is not None:
+            console.print(
+                f"{escape(n['node_id'])}: last error {_short_time(error['at'])}: "
+                f"{escape(error['code'])}: {escape(error['message'])}"
+            )
 
 
 def _short_time(iso: str | None) -> str:
@@ -1657,11 +1719,14 @@ def status(ctx: click.Context, config_path: Path, as_json: bool, watch: float | 
     kind "hub":
       region, listen
       database: {url (masked), reachable, migrated, error, hint}
-      feed_head, conflicts (null when the database is unusable)
+      feed_head, conflicts, ingest {changes_5m, per_s}, connections {used, max}
+        (null when the database is unusable)
       nodes: [{node_id, region, grants, last_seen, revoked,
-        acked_seq: {critical, important, standard, archive}}]
+        acked_seq: {critical, important, standard, archive},
+        pull_lag: {tier: feed entries behind the head at its last pull, per tier pulled},
+        last_error: null | {code, message, at}}]
       cache: {url (masked) | null, configured,
-        state "ok"|"degraded"|"not_configured", error}
+        state "ok"|"degraded"|"not_configured", error, hit_ratio (Redis-wide) | null}
     """
     config = _load(config_path)
 

@@ -44,6 +44,7 @@ from syncengine.errors import (
     SyncError,
 )
 from syncengine.hub import db, feed, nodes, push, snapshot
+from syncengine.hub.activity import NodeActivity
 from syncengine.hub.cache import Cache
 from syncengine.hub.metrics import HubMetrics
 from syncengine.merge import validate_collection, validate_key
@@ -66,6 +67,8 @@ log = logging.getLogger(__name__)
 MSGPACK: Final = "application/msgpack"
 MAX_PULL_LIMIT: Final = 5000
 MAX_WAIT_S: Final = 60.0
+#: The authenticated node of a request.
+_NODE_ID: Final = web.RequestKey("node_id", str)
 #: With Redis down, a long-poll re-reads PostgreSQL this often instead of waiting for pub/sub.
 POLL_FALLBACK_S: Final = 1.0
 #: Even with pub/sub healthy, a long-poll re-reads this often, bounding a lost wake-up.
@@ -83,6 +86,7 @@ class Hub:
         self.resolvers: dict[str, str] = dict(getattr(config, "resolvers", {}) or {})
         self.limits = Limits(max_body_bytes=config.max_body_bytes)
         self.metrics = HubMetrics()
+        self.activity = NodeActivity(pool)
         self._exported = (0, 0)  # cache hits and misses already in the metrics
         self.started = time.time()
         # Local wake-ups for long-polls; Redis pub/sub carries them across processes.
@@ -143,6 +147,9 @@ class Hub:
             self.metrics.errors.labels(code=exc.code).inc()
             if exc.http_status >= 500:
                 log.warning("%s %s: %s", request.method, request.path, exc.message)
+            node_id = request.get(_NODE_ID)
+            if node_id is not None:
+                await self.activity.failed(node_id, exc.code, exc.message)
             response = self._error_response(request, exc.http_status, exc.to_wire())
         except web.HTTPException as exc:
             if exc.status == 413:
@@ -193,7 +200,9 @@ class Hub:
     async def _node(self, request: web.Request) -> nodes.Node:
         auth = request.headers.get("Authorization", "")
         token = auth[7:].strip() if auth.lower().startswith("bearer ") else None
-        return await nodes.authenticate(self.pool, token)
+        node = await nodes.authenticate(self.pool, token)
+        request[_NODE_ID] = node.node_id  # for the activity record of an error
+        return node
 
     async def _release_long_polls(self, _app: web.Application) -> None:
         self._closing = True
@@ -257,6 +266,7 @@ class Hub:
         if not prefixes:
             raise InvalidInputError("give at least one prefix=…", code="missing_prefix")
         deadline = time.monotonic() + wait
+        asked = after
         while True:
             # Take the event before reading: a push landing after the read still wakes us.
             event = self._wake[tier]
@@ -281,6 +291,8 @@ class Hub:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), timeout=min(remaining, recheck))
         self.metrics.pulls.labels(tier=Tier.from_priority(tier).value).inc()
+        # The cursor the node asked from is what it has applied: its lag is the head minus it.
+        await self.activity.pulled(node.node_id, tier, asked)
         return self._msgpack_response(request, encode_pull_page(page))
 
     async def _snapshot(self, request: web.Request) -> web.Response:

@@ -138,6 +138,20 @@ async def test_dead_letters_are_listed_retried_and_discarded(hub, tmp_path: Path
         assert put.exit_code == 0, put.output
     refused = await invoke("edge", "sync", "--config", config, "--now")
     assert refused.exit_code == 0 and "dead-lettered 2" in refused.output, refused.output
+    # The hub's status tells the same story from its side.
+    hub_toml = tmp_path / "hub.toml"
+    hub_toml.write_text(f'region = "west"\ndatabase_url = "{hub.config.database_url}"\n'
+                        f'redis_url = "{hub.config.redis_url}"\n')
+    seen = await invoke("status", "--config", str(hub_toml), "--json")
+    assert seen.exit_code == 0, seen.output
+    hub_view = json.loads(seen.output)
+    (node,) = hub_view["nodes"]
+    assert node["last_error"]["code"] == "not_granted" and node["last_seen"] is not None
+    assert set(node["pull_lag"]) == {"critical", "important", "standard", "archive"}
+    assert hub_view["ingest"]["changes_5m"] == 0  # both refused: nothing applied
+    assert hub_view["connections"]["used"] >= 1 and hub_view["cache"]["state"] == "ok"
+    table = await invoke("status", "--config", str(hub_toml))
+    assert "not_granted" in table.output and "ingest" in table.output
     listed = await invoke("edge", "dead-letters", "--config", config, "--json")
     assert listed.exit_code == 0, listed.output
     dead = json.loads(listed.output)["dead_letters"]
