@@ -1283,6 +1283,7 @@ async def _probe_hub(config: EdgeConfig) -> dict[str, Any]:
         "feed_head": None,
         "clock_offset_ms": None,
         "clock_state": None,
+        "conflicts": None,
     }
     try:
         link = connect_link(config, load_regions()[config.region], timeout_s=_PROBE_TIMEOUT_S)
@@ -1297,6 +1298,8 @@ async def _probe_hub(config: EdgeConfig) -> dict[str, Any]:
             probe.update(reachable=False, error={"code": exc.code, "message": exc.message})
             return probe
         back = time.time_ns() // 1_000_000
+        with contextlib.suppress(SyncError):  # an older hub: no conflicts to show
+            probe["conflicts"] = await link.conflicts()
     probe["reachable"] = True
     head = cfg.get("feed_head")
     probe["feed_head"] = head if isinstance(head, int) else None
@@ -1585,6 +1588,15 @@ def _render_edge(data: Mapping[str, Any]) -> None:
             str(t["dead_letters"]),
         )
     console.print(table)
+    conflicts = hub.get("conflicts")
+    if conflicts and conflicts["count_24h"]:
+        console.print(f"conflicts with this node in the last day: {conflicts['count_24h']}")
+        for c in conflicts["latest"]:
+            outcome = "won over" if c["won"] else "lost to"
+            console.print(
+                f"  {_short_time(c['at'])} {escape(c['cell'])} {escape(c['collection'])}/"
+                f"{escape(c['key'])} .{escape(c['field'])}: {outcome} {escape(c['other_node'])}"
+            )
     for tier, name, error in failing:
         console.print(
             f"[yellow]{name} of {tier} failing[/] since {_short_time(error['at'])}: "
@@ -1705,7 +1717,9 @@ def status(ctx: click.Context, config_path: Path, as_json: bool, watch: float | 
     kind "edge":
       node_id, region, hub_url (configured value, password masked, or null)
       hub: {reachable (null when not asked: no token), error {code, message} | null,
-        feed_head, clock_offset_ms (this clock minus the hub's), clock_state}
+        feed_head, clock_offset_ms (this clock minus the hub's), clock_state,
+        conflicts: null | {count_24h, latest: [{at, cell, collection, key, field, won,
+        other_node, lost_value}]} (conflicts this node took part in)}
       db: {path, bytes, wal_bytes, disk_free_bytes}
       tiers: one per tier, critical first: {tier, state, depth (pending changes),
         bytes_pending, oldest_pending_age_s (null when empty), promise_s, acked_seq,

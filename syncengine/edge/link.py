@@ -243,6 +243,18 @@ class HubLink:
         obj = await self._call("GET", "v1/records", params=params, timeout_s=self.timeout_s)
         return _decoded(decode_snapshot_page, obj, "records answer")
 
+    async def conflicts(self, *, limit: int = 5) -> dict[str, Any]:
+        """The conflicts this node took part in over the last day: ``count_24h`` and the
+        ``latest`` few (for ``status``)."""
+        obj = await self._call(
+            "GET", "v1/conflicts", params=[("limit", str(limit))], timeout_s=self.timeout_s
+        )
+        if not isinstance(obj, dict):
+            raise DecodeError(
+                f"conflicts answer must be a map, got {type(obj).__name__}", code=INVALID_RESPONSE
+            )
+        return obj
+
     async def config(self) -> dict[str, Any]:
         """The hub's edge-facing config: ``tier_rules`` (wire list), ``resolvers``,
         ``max_batch_changes``, ``max_clock_drift_ms``, ``max_body_bytes``, ``hub_hlc``…

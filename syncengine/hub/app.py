@@ -7,6 +7,7 @@ Routes::
     GET  /v1/snapshot  a granted cell prefix's records, page by page (resumable)
     GET  /v1/records   named records of one cell and collection (an edge reading back evicted ones)
     GET  /v1/config    tier rules, resolvers and limits for edges
+    GET  /v1/conflicts the conflicts the calling node took part in (last day)
     GET  /v1/status    what `syncengine status` shows (JSON)
     GET  /healthz      the process is up
     GET  /readyz       PostgreSQL answers (503 if not); says "degraded" when Redis is down
@@ -127,6 +128,7 @@ class Hub:
                 web.get("/v1/pull", self._pull),
                 web.get("/v1/snapshot", self._snapshot),
                 web.get("/v1/records", self._records),
+                web.get("/v1/conflicts", self._conflicts),
                 web.get("/v1/config", self._config),
                 web.get("/v1/status", self._status),
                 web.get("/healthz", self._healthz),
@@ -324,6 +326,49 @@ class Hub:
             self.pool, node_id=node.node_id, cell=cell, collection=collection, keys=keys
         )
         return self._msgpack_response(request, encode_snapshot_page(page))
+
+    async def _conflicts(self, request: web.Request) -> web.Response:
+        """The conflicts the calling node took part in: how many in the last day, and the
+        newest few (for the edge's `status`)."""
+        node = await self._node(request)
+        limit = _int_param(request.query, "limit", 5, 1, 100)
+        async with db.translated("conflicts"):
+            count = await self.pool.fetchval(
+                "SELECT count(*) FROM conflicts WHERE logged_at > now() - interval '1 day' "
+                "AND (winner_node = $1 OR loser_node = $1)",
+                node.node_id,
+            )
+            rows = await self.pool.fetch(
+                "SELECT logged_at, cell, collection, key, field, winner_node, loser_node, "
+                "loser_value FROM conflicts WHERE logged_at > now() - interval '1 day' "
+                "AND (winner_node = $1 OR loser_node = $1) ORDER BY logged_at DESC, id DESC "
+                "LIMIT $2",
+                node.node_id,
+                limit,
+            )
+        body = {
+            "count_24h": count,
+            "latest": [
+                {
+                    "at": r["logged_at"].isoformat(timespec="seconds"),
+                    "cell": r["cell"],
+                    "collection": r["collection"],
+                    "key": r["key"],
+                    "field": r["field"],
+                    "won": r["winner_node"] == node.node_id,
+                    "other_node": r["loser_node"]
+                    if r["winner_node"] == node.node_id
+                    else r["winner_node"],
+                    "lost_value": None
+                    if r["loser_value"] is None
+                    else json.loads(r["loser_value"]),
+                }
+                for r in rows
+            ],
+        }
+        if MSGPACK in request.headers.get("Accept", ""):
+            return self._msgpack_response(request, body)
+        return web.json_response(body)
 
     async def _config(self, request: web.Request) -> web.Response:
         node = await self._node(request)

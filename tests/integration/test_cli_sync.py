@@ -215,6 +215,14 @@ async def test_hub_conflicts_lists_both_sides(hub, tmp_path: Path) -> None:  # t
         assert none.exit_code == 0 and "no conflicts" in none.output
     recent = await invoke("hub", "conflicts", "--config", str(hub_toml), "--since", "1h", "--json")
     assert len(json.loads(recent.output)["conflicts"]) == 1
+    # Each edge's status shows the conflict from its side.
+    for config, me, other in ((configs[0], "clinic-a", "clinic-b"), (configs[1], "clinic-b", "clinic-a")):
+        status = json.loads((await invoke("status", "--config", config, "--json")).output)
+        seen = status["hub"]["conflicts"]
+        assert seen["count_24h"] == 1 and seen["latest"][0]["other_node"] == other
+        assert seen["latest"][0]["won"] == (c["winner"]["node"] == me)
+    table = await invoke("status", "--config", configs[0])
+    assert "conflicts with this node in the last day: 1" in table.output
     bad = await invoke("hub", "conflicts", "--config", str(hub_toml), "--since", "yesterday")
     assert bad.exit_code == 2 and "neither an ISO 8601 time" in bad.output
     bad = await invoke("hub", "conflicts", "--config", str(hub_toml), "--cell", "West/../x")
