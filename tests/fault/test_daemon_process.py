@@ -154,8 +154,15 @@ async def hub_rows(hub: Any) -> dict[tuple[str, str, str], bytes]:
 
 
 def scalar(db: Path, sql: str) -> Any:
+    """One value read straight from the file; None while the daemon has not created the
+    table yet (the file exists a moment before its migrations ran)."""
     with sqlite3.connect(db) as conn:
-        row = conn.execute(sql).fetchone()
+        try:
+            row = conn.execute(sql).fetchone()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return None
+            raise
     return row[0] if row else None
 
 
