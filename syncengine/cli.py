@@ -65,6 +65,7 @@ from syncengine.config import EdgeConfig, HubConfig, load_config, mask_url
 from syncengine.demo import run_demo
 from syncengine.edge import sqlite as edge_sqlite
 from syncengine.edge.backup import backup_file, restore_backup
+from syncengine.edge.bundles import export_outbox, import_reply
 from syncengine.edge.daemon import EdgeDaemon, connect_link, open_store
 from syncengine.edge.recover import RecoveryReport, recover_store
 from syncengine.edge.store import StepRecord
@@ -73,6 +74,7 @@ from syncengine.errors import ConfigError, MigrationError, StorageError, SyncErr
 from syncengine.hub import db as hub_db
 from syncengine.hub import nodes as hub_nodes
 from syncengine.hub.app import run_hub
+from syncengine.hub.bundles import export_reply, import_outbox
 from syncengine.hub.verify import Check as HubCheck
 from syncengine.hub.verify import verify as verify_hub
 from syncengine.migrations import (
@@ -214,6 +216,17 @@ def _configure_logging(
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run one command's coroutine on a fresh event loop."""
     return asyncio.run(coro)
+
+
+def _tier_option(help_text: str) -> Callable[[FC], FC]:
+    """``--tier T`` (repeatable) into the ``tiers`` parameter."""
+    return click.option(
+        "--tier",
+        "tiers",
+        multiple=True,
+        type=click.Choice([t.value for t in Tier]),
+        help=help_text,
+    )
 
 
 def config_option(help_text: str = "The edge.toml or hub.toml file.") -> Callable[[FC], FC]:
@@ -433,13 +446,7 @@ def edge_delete(config_path: Path, cell: str, collection: str, key: str) -> None
 @click.option(
     "--now", is_flag=True, help="Sync off-peak tiers (standard, archive) outside their window."
 )
-@click.option(
-    "--tier",
-    "tiers",
-    multiple=True,
-    type=click.Choice([t.value for t in Tier]),
-    help="Only this tier (repeatable). Default: every tier.",
-)
+@_tier_option("Only this tier (repeatable). Default: every tier.")
 @click.option("--json", "as_json", is_flag=True, help="Print the round's report as JSON.")
 def edge_sync(config_path: Path, now: bool, tiers: tuple[str, ...], as_json: bool) -> None:
     """One push and pull round with the hub, most important tier first, then exit.
@@ -755,6 +762,68 @@ def edge_dead_letters(
             return len(touched)
 
     click.echo(f"discarded; {run(drop())} records taken anew from the hub")
+
+
+@edge.command("export-bundle")
+@config_option("The node's edge.toml.")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@_tier_option("Only these tiers' changes (repeatable). Default: every tier.")
+def edge_export_bundle(config_path: Path, path: Path, tiers: tuple[str, ...]) -> None:
+    """Write the changes waiting for the hub (and the pull cursors) to a bundle file PATH,
+    to carry to the hub by hand: `syncengine hub import-bundle PATH` there.
+
+    Signed with a key derived from the node's token; compressed. The changes stay queued
+    until the hub's reply bundle (or the network) says the hub holds them, so exporting
+    again, or syncing over the network meanwhile, is harmless.
+    """
+    config = load_edge(config_path, "edge export-bundle")
+    _require_store_file(config)
+    token = _edge_token(config)
+
+    async def export() -> dict[str, Any]:
+        async with open_store(config) as store:
+            chosen = [Tier(t) for t in tiers] if tiers else list(Tier)
+            return await export_outbox(store, path, token=token, tiers=chosen)
+
+    made = run(export())
+    click.echo(
+        f"bundle {path}: {made['changes']:,} changes in {made['batches']} batches, "
+        f"{made['bytes']:,} bytes. Import it with `syncengine hub import-bundle` at the hub."
+    )
+
+
+@edge.command("import-bundle")
+@config_option("The node's edge.toml.")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+def edge_import_bundle(config_path: Path, path: Path) -> None:
+    """Apply the hub's reply bundle PATH: what others wrote (like a pull) and what the hub
+    holds of this node (those changes leave the queue). Importing it twice, or after the
+    same changes came over the network, changes nothing."""
+    config = load_edge(config_path, "edge import-bundle")
+    _require_store_file(config)
+    token = _edge_token(config)
+
+    async def apply() -> dict[str, Any]:
+        async with open_store(config) as store:
+            return await import_reply(store, path, token=token)
+
+    done = run(apply())
+    click.echo(
+        f"applied {done['applied']:,} changes from the hub (bundle of {done['created_at']}); "
+        f"{done['acknowledged']:,} queued changes are now at the hub"
+    )
+
+
+def _edge_token(config: EdgeConfig) -> str:
+    token = config.token
+    if token is None:
+        raise ConfigError(
+            "no token configured for this node: bundles are signed with it",
+            hint="Set token_file (or token) in edge.toml to the token `syncengine hub "
+            "add-node` printed.",
+            detail={"key": "token_file"},
+        )
+    return token
 
 
 @edge.command("backup")
@@ -1123,6 +1192,85 @@ def hub_conflicts(
             escape(f"{c['loser']['node']}: {json.dumps(c['loser']['value'])}"),
         )
     _console().print(table)
+
+
+@hub.command("import-bundle")
+@config_option("The region's hub.toml.")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--reply",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the node's reply bundle here (from the cursors in its bundle).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.pass_context
+def hub_import_bundle(
+    ctx: click.Context, config_path: Path, path: Path, reply: Path | None, as_json: bool
+) -> None:
+    """Apply an edge's bundle PATH exactly like its pushes: the same checks, dedup, merge,
+    conflict log and grants. A tampered, cut or foreign bundle is refused before anything
+    is applied; importing one twice changes nothing. Exit 1 when the hub refused some
+    batches (they stay queued at the edge)."""
+    config = load_hub(config_path, "hub import-bundle")
+
+    async def apply() -> tuple[dict[str, Any], dict[str, Any] | None]:
+        async with _hub_pool(config) as pool:
+            done = await import_outbox(pool, config, path)
+            made = None
+            if reply is not None:
+                made = await export_reply(
+                    pool, config, done["node"], reply, since=done["cursors"] or None
+                )
+            return done, made
+
+    done, made = run(apply())
+    if as_json:
+        _echo_json({"schema": STATUS_SCHEMA, "kind": "bundle_import", **done})
+    else:
+        click.echo(
+            f"node {done['node']}: {done['applied']:,} changes applied from "
+            f"{done['batches']} batches, {done['conflicts']} conflicts logged"
+        )
+        for r in done["refused"]:
+            _report(
+                f"refused {r['tier']} seqs {r['first_seq']}..{r['last_seq']}: "
+                f"{r['code']}: {r['message']}",
+                "They stay queued at the edge; see `syncengine edge dead-letters` there once "
+                "it syncs.",
+            )
+        if made is not None:
+            click.echo(
+                f"reply bundle {reply}: {made['changes']:,} changes, {made['bytes']:,} bytes; "
+                "import it at the edge with `syncengine edge import-bundle`"
+            )
+    ctx.exit(1 if done["refused"] else 0)
+
+
+@hub.command("export-bundle")
+@config_option("The region's hub.toml.")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--node", "node_id", required=True, help="The node the bundle is for.")
+@click.option(
+    "--since",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Feed cursor to start after (default: where the node last pulled from this hub).",
+)
+def hub_export_bundle(config_path: Path, path: Path, node_id: str, since: int | None) -> None:
+    """Write the reply bundle PATH for NODE: the changes it would pull under its grants, and
+    the seqs the hub holds of it (so its queue drops them)."""
+    config = load_hub(config_path, "hub export-bundle")
+
+    async def export() -> dict[str, Any]:
+        async with _hub_pool(config) as pool:
+            return await export_reply(pool, config, node_id, path, since=since)
+
+    made = run(export())
+    click.echo(
+        f"reply bundle {path} for {node_id}: {made['changes']:,} changes, {made['bytes']:,} "
+        "bytes; import it at the edge with `syncengine edge import-bundle`"
+    )
 
 
 @hub.command("verify")

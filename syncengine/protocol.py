@@ -63,6 +63,8 @@ __all__ = [
 
 PROTOCOL_VERSION: Final = 1
 DEFAULT_MAX_BATCH_CHANGES: Final = 5000
+#: Most changes one ``GET /v1/pull`` page holds.
+MAX_PULL_LIMIT: Final = 5000
 #: Most records one ``GET /v1/records`` names.
 MAX_RECORD_KEYS: Final = 500
 NODE_ID_PATTERN: Final = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}\Z")

@@ -128,28 +128,37 @@ class Outbox:
         self._snapshot = asyncio.Lock()
 
     async def next_batch(
-        self, *, limit: int = DEFAULT_BATCH, lanes: Sequence[int] | None = None
+        self,
+        *,
+        limit: int = DEFAULT_BATCH,
+        lanes: Sequence[int] | None = None,
+        after: Mapping[int, int] | None = None,
     ) -> OutboxBatch | None:
         """The next batch of the most important lane with work, or None when all is pushed.
 
-        ``lanes`` restricts the lanes considered (e.g. only critical for a live push).
-        Reads one consistent snapshot.
+        ``lanes`` restricts the lanes considered (e.g. only critical for a live push);
+        ``after`` starts a lane past that seq instead of its acknowledged one (to read the
+        whole queue batch by batch, as a bundle export does). Reads one consistent snapshot.
         """
         wanted = sorted(lanes) if lanes is not None else [0, 1, 2, 3]
         reader = self._store._reader
         async with self._snapshot:
             await reader.execute("BEGIN")
             try:
-                return await self._scan_lanes(reader, wanted, limit)
+                return await self._scan_lanes(reader, wanted, limit, after or {})
             finally:
                 await reader.execute("COMMIT")
 
     async def _scan_lanes(
-        self, reader: aiosqlite.Connection, wanted: Sequence[int], limit: int
+        self,
+        reader: aiosqlite.Connection,
+        wanted: Sequence[int],
+        limit: int,
+        start: Mapping[int, int],
     ) -> OutboxBatch | None:
         store = self._store
         acked: dict[int, int] = {
-            lane: seq
+            lane: max(seq, start.get(lane, 0))
             for lane, seq in await reader.execute_fetchall("SELECT lane, acked_seq FROM lanes")
         }
         for lane in wanted:

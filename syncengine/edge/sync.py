@@ -55,7 +55,12 @@ from syncengine.errors import (
     ValidationError,
 )
 from syncengine.merge import RESOLVERS
-from syncengine.protocol import DEFAULT_MAX_BATCH_CHANGES, MAX_RECORD_KEYS, SnapshotPage
+from syncengine.protocol import (
+    DEFAULT_MAX_BATCH_CHANGES,
+    MAX_PULL_LIMIT,
+    MAX_RECORD_KEYS,
+    SnapshotPage,
+)
 from syncengine.tiers import Tier, TierRules
 
 __all__ = [
@@ -85,8 +90,6 @@ DEFAULT_BACKOFF_CAP_S: Final = 60.0
 DEFAULT_START_BATCH: Final = 250
 #: Tries of one request within a round before its error goes to the caller.
 DEFAULT_ATTEMPTS: Final = 4
-#: The hub's cap on a pull page (``limit``); larger asks are refused with 400.
-MAX_PULL_LIMIT: Final = 5000
 #: First pull page size; like push batches it halves on failures and doubles on full pages.
 DEFAULT_PULL_PAGE: Final = 1000
 

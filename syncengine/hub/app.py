@@ -50,6 +50,7 @@ from syncengine.hub.cache import Cache
 from syncengine.hub.metrics import HubMetrics
 from syncengine.merge import validate_collection, validate_key
 from syncengine.protocol import (
+    MAX_PULL_LIMIT,
     MAX_RECORD_KEYS,
     PROTOCOL_VERSION,
     decode_body,
@@ -66,7 +67,6 @@ __all__ = ["MSGPACK", "Hub", "run_hub"]
 log = logging.getLogger(__name__)
 
 MSGPACK: Final = "application/msgpack"
-MAX_PULL_LIMIT: Final = 5000
 MAX_WAIT_S: Final = 60.0
 #: The authenticated node of a request.
 _NODE_ID: Final = web.RequestKey("node_id", str)

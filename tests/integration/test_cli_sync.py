@@ -266,3 +266,29 @@ async def test_hub_verify_finds_what_was_broken(hub, tmp_path: Path) -> None:  #
     assert any("v1" in e for e in failed["records equal the replay of the feed"]["examples"])
     table = await invoke("hub", "verify", "--config", str(hub_toml))
     assert table.exit_code == 1 and "found" in table.output and "ok" in table.output
+
+
+async def test_bundles_through_the_command_line(hub, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    token = await hub.add_node("lagos-clinic-12", CELL)
+    config = str(edge_toml(tmp_path, f"http://127.0.0.1:{free_port()}", token))  # no network
+    put = await invoke("edge", "put", "--config", config, CELL, "visits", "v1", '{"a": 1}')
+    assert put.exit_code == 0, put.output
+    hub_toml = tmp_path / "hub.toml"
+    hub_toml.write_text(f'region = "west"\ndatabase_url = "{hub.config.database_url}"\n')
+    out, reply = tmp_path / "out.bundle", tmp_path / "reply.bundle"
+    made = await invoke("edge", "export-bundle", "--config", config, str(out))
+    assert made.exit_code == 0 and "1 changes" in made.output, made.output
+    imported = await invoke("hub", "import-bundle", "--config", str(hub_toml), str(out),
+                            "--reply", str(reply))
+    assert imported.exit_code == 0 and "1 changes applied" in imported.output, imported.output
+    back = await invoke("edge", "import-bundle", "--config", config, str(reply))
+    assert back.exit_code == 0 and "1 queued changes are now at the hub" in back.output
+    status = json.loads((await invoke("status", "--config", config, "--json")).output)
+    assert all(t["depth"] == 0 for t in status["tiers"])
+    again = await invoke("hub", "export-bundle", "--config", str(hub_toml), "--node",
+                         "lagos-clinic-12", str(reply))
+    assert again.exit_code == 1 and "exists already" in again.output
+    broken = tmp_path / "broken.bundle"
+    broken.write_bytes(out.read_bytes()[:100])
+    refused = await invoke("hub", "import-bundle", "--config", str(hub_toml), str(broken))
+    assert refused.exit_code == 1 and "cut short" in refused.output
