@@ -21,7 +21,7 @@ CORE = {
     "config",
     "crashpoints",
 }
-SEAMS = {"migrations", "devservers", "scheduler", "service"}
+SEAMS = {"migrations", "devservers", "scheduler", "service", "bundle"}
 LAYER = {
     **dict.fromkeys(CORE, 1),
     **dict.fromkeys(SEAMS, 2),
