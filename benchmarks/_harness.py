@@ -20,10 +20,12 @@ import msgpack
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from support.servers import PostgresServer, RedisServer, free_port
+from syncengine.codec import decode
 from syncengine.config import HubConfig
 from syncengine.hub.app import run_hub
 from syncengine.hub.nodes import add_node
 from syncengine.merge import Change
+from syncengine.protocol import PushBatch, decode_push_answer, encode_body, encode_push
 
 CELL = "west/ng/lagos/clinic-12"
 
@@ -107,6 +109,25 @@ def make_changes(node: str, first_seq: int, count: int, lane: int = 2) -> list[C
         )
         for i in range(count)
     ]
+
+
+async def seed(url: str, token: str, count: int, *, batch: int = 5000) -> None:
+    """Node "seeder" pushes ``count`` changes to the hub over the real push path (set-up),
+    a batch at a time: never all of them in memory."""
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/msgpack"}
+    async with aiohttp.ClientSession() as http:
+        for first in range(1, count + 1, batch):
+            part = make_changes("seeder", first, min(batch, count - first + 1))
+            message = PushBatch(
+                node="seeder", lane=2, first_seq=first, last_seq=part[-1].seq, changes=part
+            )
+            body, encoding = encode_body(encode_push(message))
+            h = dict(headers)
+            if encoding:
+                h["Content-Encoding"] = encoding
+            async with http.post(f"{url}/v1/push", data=body, headers=h) as resp:
+                assert resp.status == 200, await resp.text()
+                assert decode_push_answer(decode(await resp.read())).acked == part[-1].seq
 
 
 async def raw_copy_rate(dsn: str, changes: list[Change]) -> float:

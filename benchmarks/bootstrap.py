@@ -21,41 +21,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import aiohttp
-from _harness import CELL, make_changes, raw_copy_rate, running_hub, token_for
+from _harness import CELL, make_changes, raw_copy_rate, running_hub, seed, token_for
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from syncengine.codec import decode
 from syncengine.edge.link import HubLink
 from syncengine.edge.store import EdgeStore
 from syncengine.edge.sync import Syncer
 from syncengine.protocol import (
-    PushBatch,
     SnapshotPage,
-    decode_push_answer,
-    encode_body,
-    encode_push,
 )
 
 SEED_BATCH = 5000
-
-
-async def seed(url: str, token: str, count: int) -> None:
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/msgpack"}
-    async with aiohttp.ClientSession() as http:
-        for first in range(1, count + 1, SEED_BATCH):
-            part = make_changes("seeder", first, min(SEED_BATCH, count - first + 1))
-            batch = PushBatch(
-                node="seeder", lane=2, first_seq=first, last_seq=part[-1].seq, changes=part
-            )
-            body, encoding = encode_body(encode_push(batch))
-            h = dict(headers)
-            if encoding:
-                h["Content-Encoding"] = encoding
-            async with http.post(f"{url}/v1/push", data=body, headers=h) as resp:
-                assert resp.status == 200, await resp.text()
-                assert decode_push_answer(decode(await resp.read())).acked == part[-1].seq
 
 
 def counted(link: HubLink) -> list[int]:

@@ -19,33 +19,10 @@ import time
 from pathlib import Path
 
 import aiohttp
-from _harness import make_changes, raw_copy_rate, running_hub, token_for
+from _harness import make_changes, raw_copy_rate, running_hub, seed, token_for
 
 from syncengine.edge.store import EdgeStore
-from syncengine.protocol import PushBatch, decode_body, decode_pull_page, encode_body, encode_push
-
-
-async def seed(url: str, token: str, count: int) -> None:
-    changes = make_changes("seeder", 1, count)
-    async with aiohttp.ClientSession() as http:
-        for i in range(0, count, 2000):
-            part = changes[i : i + 2000]
-            body, enc = encode_body(
-                encode_push(
-                    PushBatch(
-                        node="seeder",
-                        lane=2,
-                        first_seq=part[0].seq,
-                        last_seq=part[-1].seq,
-                        changes=part,
-                    )
-                )
-            )
-            headers = {"Authorization": f"Bearer {token}"}
-            if enc:
-                headers["Content-Encoding"] = enc
-            async with http.post(f"{url}/v1/push", data=body, headers=headers) as resp:
-                assert resp.status == 200, await resp.text()
+from syncengine.protocol import decode_body, decode_pull_page
 
 
 async def pull_all(

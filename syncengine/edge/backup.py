@@ -24,11 +24,14 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 from syncengine.errors import ConfigError, CorruptStoreError, StorageError
 
-__all__ = ["BackupInfo", "backup_file", "restore_backup"]
+__all__ = ["BackupInfo", "backup_file", "move_aside", "restore_backup"]
 
+#: A SQLite database and its journal files.
+_DB_SUFFIXES: Final = ("", "-wal", "-shm", "-journal")
 #: meta key of a restored file: ``{lane: next_seq}`` when the backup was taken.
 RESTORED_META = "restored"
 
@@ -138,15 +141,7 @@ def _restore(
             with dst:
                 _mark_restored(dst)
         _fsync(tmp)
-        aside = None
-        if db_path.exists():
-            aside = db_path.with_name(
-                f"{db_path.name}.replaced-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-            )
-            for suffix in ("", "-wal", "-shm"):
-                part = Path(f"{db_path}{suffix}")
-                if part.exists():
-                    part.replace(f"{aside}{suffix}")
+        aside = move_aside(db_path, "replaced") if db_path.exists() else None
         tmp.replace(db_path)
         _fsync(db_path.parent)
     except sqlite3.Error as exc:
@@ -217,8 +212,21 @@ def _inspect(path: Path, *, shown: Path) -> BackupInfo:
     )
 
 
+def move_aside(db_path: Path, why: str) -> Path:
+    """Rename a store file and its journal files to ``<name>.<why>-<UTC time>`` (never
+    deleted); return the new name of the database file."""
+    aside = db_path.with_name(
+        f"{db_path.name}.{why}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    )
+    for suffix in _DB_SUFFIXES:
+        part = Path(f"{db_path}{suffix}")
+        if part.exists():
+            part.replace(f"{aside}{suffix}")
+    return aside
+
+
 def _remove_db(path: Path) -> None:
-    for suffix in ("", "-journal", "-wal", "-shm"):
+    for suffix in _DB_SUFFIXES:
         Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Any, Final
 
 import aiosqlite
 
+from syncengine.edge.backup import move_aside
 from syncengine.edge.link import HubLink
 from syncengine.edge.store import EdgeStore
 from syncengine.edge.sync import Syncer
@@ -172,7 +172,7 @@ async def recover_store(
             hint="Upgrade the hub; recovery needs it.",
             code="unrecoverable",
         )
-    aside = await asyncio.to_thread(_move_aside, db_path)
+    aside = await asyncio.to_thread(move_aside, db_path, "damaged")
     keep = sorted((r for r in salvage.rows if r[1] > int(acked[r[0]])), key=lambda r: (r[0], r[1]))
     async with open_new() as store:
         syncer = Syncer(store, link, subscriptions=subscriptions)
@@ -221,15 +221,3 @@ async def recover_store(
         aside,
     )
     return report
-
-
-def _move_aside(db_path: Path) -> Path:
-    """Move the damaged file (and its journal files) aside; return its new name."""
-    aside = db_path.with_name(
-        f"{db_path.name}.damaged-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-    )
-    for suffix in ("", "-wal", "-shm", "-journal"):
-        part = Path(f"{db_path}{suffix}")
-        if part.exists():
-            part.replace(f"{aside}{suffix}")
-    return aside

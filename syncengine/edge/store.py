@@ -700,7 +700,6 @@ class EdgeStore:
         acked: Sequence[int],
         *,
         bootstrap: Mapping[str, Any] | None = None,
-        unevict: Sequence[RecordKey] = (),
         absent: Sequence[RecordKey] = (),
     ) -> int:
         """Take the hub's state of ``records`` — ``(cell, collection, key, state, feed_id)``
@@ -717,16 +716,15 @@ class EdgeStore:
         after the hub's: the hub would otherwise take them for replays and drop them.
 
         ``bootstrap`` is saved as the bootstrap's progress in the same transaction, so an
-        interrupted bootstrap resumes after the last page it kept. ``unevict`` names records
-        asked for that are local again even if the hub sent nothing of them. ``absent`` names
-        records the hub was asked for and does not hold: they become their queued changes
-        alone (or nothing).
+        interrupted bootstrap resumes after the last page it kept. ``absent`` names records
+        asked for (a read-back): those the hub does not hold become their queued changes
+        alone (or nothing), and all of them are local again, evicted or not.
         """
         if len(acked) != len(Tier):
             raise ValueError(f"acked needs one seq per lane, got {len(acked)}")
         progress = None if bootstrap is None else json.dumps(dict(bootstrap))
         return await self._run_on_thread(
-            functools.partial(self._adopt_tx, unevict=unevict, absent=absent),
+            functools.partial(self._adopt_tx, absent=absent),
             records,
             list(acked),
             progress,
@@ -739,7 +737,6 @@ class EdgeStore:
         acked: list[int],
         progress: str | None,
         *,
-        unevict: Sequence[RecordKey] = (),
         absent: Sequence[RecordKey] = (),
     ) -> int:
         self._follow_hub_seqs(conn, acked)
@@ -786,7 +783,7 @@ class EdgeStore:
         )
         conn.executemany(
             "DELETE FROM evicted WHERE cell = ? AND collection = ? AND key = ?",
-            [*keys, *unevict],
+            [*keys, *empty],
         )
         if progress is not None:
             _set_meta(conn, "bootstrap", progress)

@@ -775,7 +775,7 @@ class Syncer:
             return await self.store.get(cell, collection, key)
         except NotAvailableOffline as evicted:
             try:
-                page = await self.link.records(cell=cell, collection=collection, keys=[key])
+                await self.refresh([(cell, collection, key)])
             except SyncError as exc:
                 if not is_transient(exc):
                     raise
@@ -783,14 +783,13 @@ class Syncer:
                     f"{evicted.message}, and the hub cannot be reached: {exc.message}",
                     detail={**evicted.detail, "cause": exc.code},
                 ) from None
-        self._fold_link()
-        await self.store.adopt(page.records, page.acked, unevict=[(cell, collection, key)])
         return await self.store.get(cell, collection, key)
 
     async def refresh(self, keys: Iterable[tuple[str, str, str]]) -> int:
         """Take the hub's state of the records ``keys`` (``(cell, collection, key)``) anew,
         with this node's queued changes on top; a record the hub does not hold becomes its
-        queued changes alone, or nothing. Returns how many records the hub held.
+        queued changes alone, or nothing. They are all local again (an evicted one too).
+        Returns how many records the hub held.
 
         For local copies that went astray from the hub's, e.g. after discarding dead
         letters. Raises the link's errors.
