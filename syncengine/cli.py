@@ -75,6 +75,7 @@ from syncengine.hub import db as hub_db
 from syncengine.hub import nodes as hub_nodes
 from syncengine.hub.app import run_hub
 from syncengine.hub.bundles import export_reply, import_outbox
+from syncengine.hub.retention import FeedReport, maintain_feed
 from syncengine.hub.verify import Check as HubCheck
 from syncengine.hub.verify import verify as verify_hub
 from syncengine.migrations import (
@@ -1329,6 +1330,72 @@ def hub_verify(ctx: click.Context, config_path: Path, deep: bool, as_json: bool)
             if not c.ok:
                 console.print(f"      [dim]{escape(c.hint)}[/]")
     ctx.exit(0 if ok else 1)
+
+
+@hub.command("feed")
+@config_option("The region's hub.toml.")
+@click.option(
+    "--prune",
+    is_flag=True,
+    help="Run the feed's maintenance now: make the coming days' partitions, drop expired ones.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def hub_feed(config_path: Path, prune: bool, as_json: bool) -> None:
+    """Show the change feed's day partitions, its head and its retention horizon.
+
+    The hub keeps the feed for feed_retention_days (hub.toml, default 30) and drops whole
+    day partitions past that once every node still syncing has pulled them; a node away
+    longer re-bootstraps from a snapshot by itself. Each hub process does this hourly;
+    --prune does it now. Without --prune nothing is changed, and "held by" names the nodes
+    whose cursors keep the oldest expired partition.
+
+    \b
+    --json prints {"schema": 1, "kind": "feed", "horizon": int, "head": int,
+      "retention_days": int, "created": [str], "dropped": [str], "held_by": {partition:
+      [node]}, "skipped": str, "dry_run": bool, "partitions": [{name, starts_at, ends_at,
+      rows}]}
+    """
+    config = load_hub(config_path, "hub feed")
+
+    async def body() -> FeedReport:
+        async with _hub_pool(config) as pool:
+            return await maintain_feed(
+                pool, retention_days=config.feed_retention_days, dry_run=not prune
+            )
+
+    report = run(body())
+    if as_json:
+        _echo_json({"schema": STATUS_SCHEMA, "kind": "feed", **report.to_json()})
+        return
+    console = _console()
+    table = Table(
+        title=f"change feed of region {config.region}: head {report.head:,}, horizon "
+        f"{report.horizon:,}, kept {report.retention_days} days",
+        title_justify="left",
+    )
+    table.add_column("partition", no_wrap=True)
+    table.add_column("from (UTC)", no_wrap=True)
+    table.add_column("to (UTC)", no_wrap=True)
+    table.add_column("rows (est.)", justify="right")
+    for p in report.partitions:
+        table.add_row(
+            p.name,
+            _short_time(p.starts_at.isoformat()) if p.starts_at else "the beginning",
+            _short_time(p.ends_at.isoformat()),
+            f"{p.rows:,}",
+        )
+    console.print(table)
+    dropped = "would drop" if report.dry_run else "dropped"
+    for what, names in (("created", report.created), (dropped, report.dropped)):
+        if names:
+            console.print(f"{what}: {', '.join(names)}")
+    for name, holders in report.held_by.items():
+        console.print(
+            f"[yellow]{name} is past the horizon but held by {len(holders)} node(s) that have "
+            f"not pulled it yet:[/] {escape(', '.join(holders[:10]))}"
+        )
+    if report.skipped:
+        console.print(f"[yellow]not run: {escape(report.skipped)}[/]")
 
 
 @hub.command("nodes")

@@ -39,6 +39,7 @@ from syncengine.tiers import Tier, TierPolicy, TierRules, load_policies
 __all__ = [
     "DEFAULT_BUSY_TIMEOUT_MS",
     "DEFAULT_LISTEN",
+    "DEFAULT_FEED_RETENTION_DAYS",
     "DEFAULT_MAX_BATCH_CHANGES",
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_MAX_CLOCK_DRIFT_S",
@@ -68,6 +69,8 @@ DEFAULT_MAX_BODY_BYTES: Final = 8 * 1_048_576
 DEFAULT_MAX_BATCH_CHANGES: Final = 1_000
 #: Loopback by default: exposing a hub is a decision, not an accident.
 DEFAULT_LISTEN: Final = "127.0.0.1:8400"
+#: Days the hub keeps its change feed (see syncengine/hub/retention.py).
+DEFAULT_FEED_RETENTION_DAYS: Final = 30
 
 _NODE_ID: Final = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}\Z")
 _MASK: Final = "***"
@@ -101,6 +104,7 @@ _HUB_SCALARS: Final[Mapping[str, type]] = {
     "max_clock_drift_s": int,
     "max_body_bytes": int,
     "max_batch_changes": int,
+    "feed_retention_days": int,
 }
 _HUB_KEYS: Final = frozenset(_HUB_SCALARS) | {"tier_rules", "tier_policies", "resolvers"}
 # Conventional names (Heroku, compose, most PaaS) honoured for the hub's stores.
@@ -360,6 +364,9 @@ class HubConfig:
     max_clock_drift_s: int = DEFAULT_MAX_CLOCK_DRIFT_S
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_batch_changes: int = DEFAULT_MAX_BATCH_CHANGES
+    #: Feed entries older than this many days, once every node still syncing has pulled
+    #: them, are dropped; a node away longer re-bootstraps from a snapshot.
+    feed_retention_days: int = DEFAULT_FEED_RETENTION_DAYS
     tier_policies: Mapping[Tier, TierPolicy] = dataclasses.field(
         default_factory=_default_policies_copy
     )
@@ -385,6 +392,7 @@ class HubConfig:
             "max_clock_drift_s": self.max_clock_drift_s,
             "max_body_bytes": self.max_body_bytes,
             "max_batch_changes": self.max_batch_changes,
+            "feed_retention_days": self.feed_retention_days,
             "source": self.source,
         }
 
@@ -426,6 +434,9 @@ class HubConfig:
             max_body_bytes=table.get_int("max_body_bytes", DEFAULT_MAX_BODY_BYTES, minimum=1024),
             max_batch_changes=table.get_int(
                 "max_batch_changes", DEFAULT_MAX_BATCH_CHANGES, minimum=1
+            ),
+            feed_retention_days=table.get_int(
+                "feed_retention_days", DEFAULT_FEED_RETENTION_DAYS, minimum=1
             ),
             tier_policies=_policies(table, policy_overrides),
             source=source,

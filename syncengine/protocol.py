@@ -41,6 +41,7 @@ from syncengine.errors import DecodeError, InvalidInputError, LimitExceededError
 from syncengine.merge import Change, validate_collection, validate_fields, validate_key
 
 __all__ = [
+    "CURSOR_BEHIND_HORIZON",
     "DEFAULT_MAX_BATCH_CHANGES",
     "NODE_ID_PATTERN",
     "PROTOCOL_VERSION",
@@ -67,6 +68,9 @@ DEFAULT_MAX_BATCH_CHANGES: Final = 5000
 MAX_PULL_LIMIT: Final = 5000
 #: Most records one ``GET /v1/records`` names.
 MAX_RECORD_KEYS: Final = 500
+#: The error code of a pull whose cursor is behind the feed's retention horizon: the edge
+#: re-bootstraps from a snapshot.
+CURSOR_BEHIND_HORIZON: Final = "cursor_behind_horizon"
 NODE_ID_PATTERN: Final = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}\Z")
 _MAX_SEQ: Final = (1 << 63) - 1
 _LANES: Final = 4

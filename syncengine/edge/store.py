@@ -902,16 +902,38 @@ class EdgeStore:
 
         await self._run_on_thread(body)
 
-    async def finish_bootstrap(self, prefixes: Iterable[str], cursor: int | None) -> None:
+    async def request_rebootstrap(self) -> None:
+        """Ask for a bootstrap of every subscription, whose end moves the pull cursors up to
+        the snapshot's (see :meth:`finish_bootstrap`): what an edge does when the hub's feed
+        no longer reaches back to its cursors. Pulls wait until it is done."""
+
+        def body(conn: sqlite3.Connection) -> None:
+            progress: dict[str, Any] = {
+                "done": [],
+                "prefix": None,
+                "after": None,
+                "cursor": None,
+                "records": 0,
+            }
+            _set_meta(conn, "bootstrap", json.dumps({**progress, "rebase": True}))
+            conn.execute("DELETE FROM meta WHERE key = 'bootstrapped'")
+
+        await self._run_on_thread(body)
+
+    async def finish_bootstrap(
+        self, prefixes: Iterable[str], cursor: int | None, *, rebase: bool = False
+    ) -> None:
         """Record ``prefixes`` as bootstrapped and place the pull cursors.
 
         A tier never pulled gets ``cursor`` (the feed head when the snapshot began): the
         snapshot holds everything before it. A tier already pulled keeps its cursor, which
         is at or behind it (pulls wait for a bootstrap), so the older subscriptions miss
         nothing; the new prefix's entries in between are skipped record by record through
-        ``hub_feed_id``.
+        ``hub_feed_id``. With ``rebase`` (the snapshot covered every subscription) every
+        cursor moves up to ``cursor``.
         """
         wanted = list(prefixes)
+        on_conflict = "UPDATE SET value = max(value, excluded.value)" if rebase else "NOTHING"
 
         def body(conn: sqlite3.Connection) -> None:
             row = conn.execute("SELECT value FROM meta WHERE key = 'bootstrapped'").fetchone()
@@ -921,7 +943,8 @@ class EdgeStore:
             conn.execute("DELETE FROM meta WHERE key = 'bootstrap'")
             if cursor is not None:
                 conn.executemany(
-                    "INSERT INTO cursors (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+                    "INSERT INTO cursors (name, value) VALUES (?, ?) "
+                    f"ON CONFLICT (name) DO {on_conflict}",
                     [(f"pull:{t.value}", cursor) for t in Tier],
                 )
 

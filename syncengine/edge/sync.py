@@ -56,6 +56,7 @@ from syncengine.errors import (
 )
 from syncengine.merge import RESOLVERS
 from syncengine.protocol import (
+    CURSOR_BEHIND_HORIZON,
     DEFAULT_MAX_BATCH_CHANGES,
     MAX_PULL_LIMIT,
     MAX_RECORD_KEYS,
@@ -616,7 +617,13 @@ class Syncer:
         if not self.subscriptions:
             return 0
         try:
-            applied = await self._pull_tier_body(tier, wait_s, tally)
+            try:
+                applied = await self._pull_tier_body(tier, wait_s, tally)
+            except SequenceError as exc:
+                if exc.code != CURSOR_BEHIND_HORIZON:
+                    raise
+                await self._rebootstrap(exc)
+                applied = await self._pull_tier_body(tier, 0.0, tally)
         except SyncError as exc:
             await self._note("pull", tier, exc)
             raise
@@ -722,6 +729,7 @@ class Syncer:
                     total += len(page.records)
                     cursor = state["cursor"]
                     state = {
+                        **state,
                         "done": state["done"] + ([prefix] if page.next is None else []),
                         "prefix": prefix,
                         "after": page.next,
@@ -736,7 +744,9 @@ class Syncer:
                     if page.next is None:
                         break
                     after = page.next
-            await store.finish_bootstrap({*state["done"], *wanted}, state["cursor"])
+            await store.finish_bootstrap(
+                {*state["done"], *wanted}, state["cursor"], rebase=bool(state.get("rebase"))
+            )
         log.info(
             "node %s: bootstrapped %s: %d records (%d in this run)",
             store.node_id,
@@ -745,6 +755,20 @@ class Syncer:
             total - taken,
         )
         return total
+
+    async def _rebootstrap(self, cause: SyncError) -> None:
+        """The hub dropped feed entries this store had not pulled (it was away longer than
+        the hub keeps its feed): take every subscription anew from the snapshot. Queued
+        changes stay on top; tombstones come with the snapshot, so nothing deleted
+        meanwhile comes back. Holds until done (resumable, like any bootstrap)."""
+        log.warning(
+            "node %s: %s; re-bootstrapping every subscription from the hub's snapshot",
+            self.store.node_id,
+            cause.message,
+        )
+        if await self.store.bootstrap_progress() is None:
+            await self.store.request_rebootstrap()
+        await self.bootstrap()
 
     async def _snapshot_page(self, prefix: str, after: str | None) -> SnapshotPage:
         attempt = 0

@@ -44,7 +44,7 @@ from syncengine.errors import (
     LimitExceededError,
     SyncError,
 )
-from syncengine.hub import db, feed, nodes, push, snapshot
+from syncengine.hub import db, feed, nodes, push, retention, snapshot
 from syncengine.hub.activity import NodeActivity
 from syncengine.hub.cache import Cache
 from syncengine.hub.metrics import HubMetrics
@@ -109,7 +109,26 @@ class Hub:
             stack.push_async_callback(cache.close)
             hub = cls(config, pool, cache)
             cache.on_wakeup = hub._local_wake
+            await hub.maintain_feed()  # the coming days' partitions exist before any push
+            keeper = asyncio.create_task(hub._keep_feed(), name="feed maintenance")
+            stack.callback(keeper.cancel)
             yield hub
+
+    async def maintain_feed(self) -> retention.FeedReport | None:
+        """Run the feed's maintenance now (see :mod:`syncengine.hub.retention`); a failure
+        is logged and returned as None: the next run tries again."""
+        try:
+            return await retention.maintain_feed(
+                self.pool, retention_days=self.config.feed_retention_days
+            )
+        except SyncError as exc:
+            log.warning("feed maintenance failed (retried in an hour): %s", exc.message)
+            return None
+
+    async def _keep_feed(self) -> None:
+        while True:
+            await asyncio.sleep(retention.MAINTAIN_EVERY_S)
+            await self.maintain_feed()
 
     # -- plumbing ---------------------------------------------------------------------------
 

@@ -8,6 +8,9 @@ snapshot was taken, so nothing can appear behind the cursor later.
 
 Pulls are per tier (live tiers are long-polled, others fetched on their schedule) and per
 subscribed prefixes; a node's own changes are not sent back to it.
+
+Retention (:mod:`syncengine.hub.retention`) drops old entries; a cursor below the feed's
+horizon is answered ``cursor_behind_horizon`` and the edge re-bootstraps.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from syncengine.errors import SequenceError
 from syncengine.hub.cache import Cache
 from syncengine.hub.db import translated
 from syncengine.merge import Change
-from syncengine.protocol import PullPage
+from syncengine.protocol import CURSOR_BEHIND_HORIZON, PullPage
 
 __all__ = ["feed_head", "read_page", "rows_to_changes"]
 
@@ -60,6 +63,18 @@ async def feed_head(pool: asyncpg.Pool) -> int:
     async with translated("feed head"):
         head: int = await pool.fetchval("SELECT id FROM feed_head")
     return head
+
+
+def _check_horizon(after: int, horizon: int) -> None:
+    if after < horizon:
+        raise SequenceError(
+            f"pull cursor {after} is behind the feed's retention horizon {horizon}: the "
+            "entries after it were dropped",
+            hint="The edge was away longer than the hub keeps its feed; it re-bootstraps from "
+            "a snapshot by itself (or run `syncengine edge bootstrap`).",
+            code=CURSOR_BEHIND_HORIZON,
+            detail={"cursor": after, "horizon": horizon},
+        )
 
 
 def rows_to_changes(rows: list[Any]) -> tuple[list[int], list[Change]]:
@@ -101,7 +116,8 @@ async def read_page(
     that range sees exactly the same rows.
     """
     async with translated("pull"), pool.acquire() as conn:
-        head, epoch = await conn.fetchrow("SELECT id, epoch FROM feed_head")
+        head, epoch, horizon = await conn.fetchrow("SELECT id, epoch, horizon FROM feed_head")
+        _check_horizon(after, horizon)
         if after > head:
             raise SequenceError(
                 f"pull cursor {after} is ahead of this hub's feed (head {head})",
@@ -124,6 +140,9 @@ async def read_page(
             rows: list[Any] = [dict(zip(_COLUMNS, r, strict=True)) for r in cached]
         else:
             rows = await conn.fetch(_PAGE_SQL, tier, after, node_id, prefixes, limit, window_end)
+            # Retention may have dropped a partition between the two reads (DDL is not
+            # bound by a snapshot): the rows would lack its entries. Check again after.
+            _check_horizon(after, await conn.fetchval("SELECT horizon FROM feed_head"))
     ids, changes = rows_to_changes(rows)
     full = len(rows) == limit
     return PullPage(

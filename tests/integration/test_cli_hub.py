@@ -27,6 +27,7 @@ from click.testing import CliRunner, Result
 
 from support.servers import free_port
 from syncengine.cli import cli
+from syncengine.hub.retention import DAYS_AHEAD
 
 pytestmark = pytest.mark.integration
 
@@ -187,6 +188,26 @@ def test_status_reports_the_cache(
     assert invoke(runner, "migrate", "--config", config).exit_code == 0
     report = json.loads(invoke(runner, "status", "--config", config, "--json").stdout)
     assert report["cache"]["configured"] is True and report["cache"]["state"] == "ok"
+
+
+def test_hub_feed_shows_the_partitions_and_prunes_on_demand(
+    runner: CliRunner, hub_toml: Path
+) -> None:
+    config = str(hub_toml)
+    assert invoke(runner, "migrate", "--config", config).exit_code == 0
+    shown = json.loads(invoke(runner, "hub", "feed", "--config", config, "--json").stdout)
+    assert shown["kind"] == "feed" and shown["dry_run"] is True
+    assert [p["name"] for p in shown["partitions"]] == ["feed_p_initial"]
+    assert shown["horizon"] == 0 and shown["retention_days"] == 30 and shown["created"] == []
+    pruned = json.loads(
+        invoke(runner, "hub", "feed", "--config", config, "--prune", "--json").stdout
+    )
+    # feed_p_initial ends tomorrow; the days after it, up to a week ahead, are made.
+    assert pruned["dry_run"] is False and len(pruned["created"]) == DAYS_AHEAD - 1
+    assert len(pruned["partitions"]) == DAYS_AHEAD and pruned["dropped"] == []
+    table = invoke(runner, "hub", "feed", "--config", config)
+    assert table.exit_code == 0
+    assert "horizon 0, kept 30 days" in table.stdout and "feed_p_initial" in table.stdout
 
 
 @contextlib.contextmanager

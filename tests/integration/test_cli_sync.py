@@ -247,18 +247,21 @@ async def test_hub_verify_finds_what_was_broken(hub, tmp_path: Path) -> None:  #
     clean = await invoke("hub", "verify", "--config", str(hub_toml), "--deep", "--json")
     assert clean.exit_code == 0, clean.output
     report = json.loads(clean.output)
-    assert report["ok"] and len(report["checks"]) == 7
+    assert report["ok"] and len(report["checks"]) == 8
 
     pool = hub.hub.pool
     await pool.execute("UPDATE node_lanes SET acked_seq = 1")
     await pool.execute("UPDATE records SET state = (SELECT state FROM records "
                        "WHERE key = 'v0') WHERE key = 'v1'")
     await pool.execute("DELETE FROM feed WHERE id = (SELECT feed_id FROM records WHERE key = 'v5')")
+    await pool.execute("INSERT INTO feed SELECT id + 1000, tier, cell, collection, key, node_id, "
+                       "lane, seq, hlc, fields, base FROM feed WHERE key = 'v2'")
     broken = await invoke("hub", "verify", "--config", str(hub_toml), "--deep", "--json")
     assert broken.exit_code == 1
     failed = {c["name"]: c for c in json.loads(broken.output)["checks"] if not c["ok"]}
     assert set(failed) == {
-        "feed ids are contiguous and end at the head",
+        "feed ids are contiguous from the retention horizon to the head",
+        "every change of a node is in the feed once",
         "every change in the feed is at or below its node's acknowledged seq",
         "every record's last feed entry exists",
         "records equal the replay of the feed",
