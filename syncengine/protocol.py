@@ -108,6 +108,14 @@ class PullPage:
     head: int
     more: bool
     hub_hlc: int
+    #: Watched tiers (``watch=`` of a long-poll) with nothing for the node up to the given
+    #: cursor: the edge may move its cursor there without a pull.
+    watched: dict[int, int] = field(default_factory=dict)
+    #: Watched tiers holding changes for the node (or not scanned to the end): pull them.
+    due: list[int] = field(default_factory=list)
+    #: The hub's config tag (``tag=`` of the request): a new one means the edge should
+    #: learn the config again.
+    cfg: str | None = None
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -131,7 +139,9 @@ def _str_table(obj: Mapping[str, Any], name: str, check: Any) -> list[str]:
     return [check(v) for v in table]
 
 
-def _only_keys(obj: object, allowed: frozenset[str], what: str) -> Mapping[str, Any]:
+def _only_keys(
+    obj: object, allowed: frozenset[str], what: str, *, optional: frozenset[str] = frozenset()
+) -> Mapping[str, Any]:
     if not isinstance(obj, dict):
         raise DecodeError(f"{what} must be a msgpack map, got {type(obj).__name__}")
     unknown = set(obj) - allowed
@@ -141,7 +151,7 @@ def _only_keys(obj: object, allowed: frozenset[str], what: str) -> Mapping[str, 
             code="unknown_field",
             fields=sorted(map(str, unknown))[:20],
         )
-    missing = allowed - set(obj) - {"skipped"}
+    missing = allowed - set(obj) - optional - {"skipped"}
     if missing:
         raise _bad(f"{what} lacks fields: {', '.join(sorted(missing))}", code="missing_field")
     return obj
@@ -339,6 +349,7 @@ def decode_push_answer(obj: object) -> PushAnswer:
 _PULL_KEYS: Final = frozenset(
     {"v", "next", "head", "more", "hub_hlc", "cells", "colls", "nodes", "changes"}
 )
+_PULL_OPTIONAL: Final = frozenset({"watched", "due", "cfg"})
 
 
 def encode_pull_page(page: PullPage) -> dict[str, Any]:
@@ -364,7 +375,7 @@ def encode_pull_page(page: PullPage) -> dict[str, Any]:
         )
         prev = c.hlc
         prev_id = feed_id
-    return {
+    out: dict[str, Any] = {
         "v": PROTOCOL_VERSION,
         "next": page.next_cursor,
         "head": page.head,
@@ -375,12 +386,20 @@ def encode_pull_page(page: PullPage) -> dict[str, Any]:
         "nodes": list(nodes),
         "changes": rows,
     }
+    # Only for requests that asked (watch=, tag=): older edges refuse unknown fields.
+    if page.watched:
+        out["watched"] = [[t, c] for t, c in sorted(page.watched.items())]
+    if page.due:
+        out["due"] = page.due
+    if page.cfg is not None:
+        out["cfg"] = page.cfg
+    return out
 
 
 def decode_pull_page(obj: object) -> PullPage:
     """Validate a pull page from the hub. The hub is trusted less than fully: a page that
     does not parse is refused whole, so the cursor never moves past unapplied changes."""
-    msg = _only_keys(obj, _PULL_KEYS, "pull page")
+    msg = _only_keys(obj, _PULL_KEYS | _PULL_OPTIONAL, "pull page", optional=_PULL_OPTIONAL)
     cells = _str_table(msg, "cells", parse_cell)
     colls = _str_table(msg, "colls", validate_collection)
     nodes = _str_table(msg, "nodes", lambda n: n if isinstance(n, str) and n else _bad("bad node"))
@@ -416,6 +435,17 @@ def decode_pull_page(obj: object) -> PullPage:
     more = msg["more"]
     if not isinstance(more, bool):
         raise _bad("'more' must be a boolean")
+    watched: dict[int, int] = {}
+    for pair in msg.get("watched", []):
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise _bad("'watched' must be a list of [tier, cursor] pairs")
+        watched[_int({"tier": pair[0]}, "tier", 0, 3)] = _int({"c": pair[1]}, "c", 0, _MAX_SEQ)
+    due = msg.get("due", [])
+    if not isinstance(due, list):
+        raise _bad("'due' must be a list of tiers")
+    cfg = msg.get("cfg")
+    if cfg is not None and not (isinstance(cfg, str) and 0 < len(cfg) <= 64):
+        raise _bad("'cfg' must be a short string")
     return PullPage(
         changes=changes,
         ids=ids,
@@ -423,6 +453,9 @@ def decode_pull_page(obj: object) -> PullPage:
         head=_int(msg, "head", 0, _MAX_SEQ),
         more=more,
         hub_hlc=_int(msg, "hub_hlc", 0, _MAX_SEQ),
+        watched=watched,
+        due=[_int({"tier": t}, "tier", 0, 3) for t in due],
+        cfg=cfg,
     )
 
 

@@ -25,7 +25,9 @@ from syncengine.errors import ConfigError, ValidationError
 from syncengine.resources import TomlTable
 
 __all__ = [
+    "MAX_LONG_POLL_S",
     "DEFAULT_DEBOUNCE_MS",
+    "DEFAULT_LONG_POLL_IDLE_S",
     "DEFAULT_LONG_POLL_S",
     "DEFAULT_RETRY_INTERVAL_S",
     "DEFAULT_TIER",
@@ -44,6 +46,9 @@ __all__ = [
 DEFAULT_DEBOUNCE_MS: Final = 50
 #: How long a ``live`` pull's long-poll is held open; below common 30 s proxy timeouts.
 DEFAULT_LONG_POLL_S: Final = 25
+DEFAULT_LONG_POLL_IDLE_S: Final = 900
+#: The longest long-poll a hub holds (its ``MAX_WAIT_S``).
+MAX_LONG_POLL_S: Final = 900
 #: Longest wait before retrying a failed round when a tier file does not say.
 DEFAULT_RETRY_INTERVAL_S: Final = 30
 _SECONDS_PER_DAY: Final = 86_400
@@ -129,8 +134,12 @@ class TierPolicy:
     #: Scheduled rounds (push and interval pull) run only inside the region's off-peak window.
     offpeak_only: bool = False
     pull_mode: PullMode
-    #: live: how long one long-poll is held open.
+    #: live: how long one long-poll is held open after activity. Each one that ends with
+    #: nothing doubles it, up to ``long_poll_idle_s``; a change either way resets it.
     long_poll_s: int | None = None
+    #: live: how long an idle edge's long-poll is held (what idling costs on the wire). The
+    #: long-poll also watches the ``interval`` tiers, standing in for their pulls.
+    long_poll_idle_s: int | None = None
     #: interval: seconds between pull rounds.
     pull_interval_s: int | None = None
     retention: Retention = Retention.FOREVER
@@ -162,6 +171,7 @@ _POLICY_KEYS: Final = frozenset(
         "offpeak_only",
         "pull",
         "long_poll_s",
+        "long_poll_idle_s",
         "pull_interval_s",
         "retention",
         "evict_after_days",
@@ -172,15 +182,15 @@ _POLICY_KEYS: Final = frozenset(
 # Keys that only mean something for one mode. When an override switches the mode, the
 # file's keys of the old mode are dropped instead of clashing with the new one.
 _PUSH_MODE_KEYS: Final = {
-    PushMode.ON_WRITE: "debounce_ms",
-    PushMode.INTERVAL: "push_interval_s",
-    PushMode.CRON: "push_cron",
+    PushMode.ON_WRITE: ("debounce_ms",),
+    PushMode.INTERVAL: ("push_interval_s",),
+    PushMode.CRON: ("push_cron",),
 }
 _PULL_MODE_KEYS: Final = {
-    PullMode.LIVE: "long_poll_s",
-    PullMode.INTERVAL: "pull_interval_s",
+    PullMode.LIVE: ("long_poll_s", "long_poll_idle_s"),
+    PullMode.INTERVAL: ("pull_interval_s",),
 }
-_RETENTION_KEYS: Final = {Retention.EVICT: "evict_after_days"}
+_RETENTION_KEYS: Final = {Retention.EVICT: ("evict_after_days",)}
 _NOT_OVERRIDABLE: Final = frozenset({"name", "priority"})
 _TIER_NAMES: Final = frozenset(t.value for t in Tier)
 _E = TypeVar("_E", bound=enum.StrEnum)
@@ -258,9 +268,15 @@ def load_policy(
             hint="A tier pushed on every write cannot wait for the off-peak window.",
         )
 
-    long_poll_s = pull_interval_s = None
+    long_poll_s = long_poll_idle_s = pull_interval_s = None
     if pull_mode is PullMode.LIVE:
         long_poll_s = table.get_int("long_poll_s", DEFAULT_LONG_POLL_S, minimum=1, maximum=300)
+        long_poll_idle_s = table.get_int(
+            "long_poll_idle_s",
+            max(long_poll_s, DEFAULT_LONG_POLL_IDLE_S),
+            minimum=long_poll_s,
+            maximum=MAX_LONG_POLL_S,
+        )
     elif pull_mode is PullMode.INTERVAL:
         pull_interval_s = table.get_int("pull_interval_s", minimum=1)
 
@@ -295,6 +311,7 @@ def load_policy(
         offpeak_only=offpeak_only,
         pull_mode=pull_mode,
         long_poll_s=long_poll_s,
+        long_poll_idle_s=long_poll_idle_s,
         pull_interval_s=pull_interval_s,
         retention=retention,
         evict_after_s=evict_after_s,
@@ -360,8 +377,9 @@ def _merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, An
         ("retention", _RETENTION_KEYS),
     ):
         if mode_key in override and override[mode_key] != base.get(mode_key):
-            for key in mode_keys.values():
-                merged.pop(key, None)
+            for keys in mode_keys.values():
+                for key in keys:
+                    merged.pop(key, None)
     merged.update(override)
     return merged
 
@@ -377,10 +395,12 @@ def _enum(table: TomlTable, key: str, kind: type[_E], default: _E | None = None)
 
 
 def _reject_other_modes(
-    table: TomlTable, mode_key: str, mode: _E, mode_keys: Mapping[_E, str]
+    table: TomlTable, mode_key: str, mode: _E, mode_keys: Mapping[_E, tuple[str, ...]]
 ) -> None:
-    for other_mode, key in mode_keys.items():
-        if other_mode is not mode and key in table:
+    for other_mode, keys in mode_keys.items():
+        for key in keys:
+            if other_mode is mode or key not in table:
+                continue
             raise table.error(
                 key,
                 f"only applies when {mode_key} = {other_mode.value!r}, not {mode.value!r}",

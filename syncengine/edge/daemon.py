@@ -85,8 +85,9 @@ DEFAULT_WATCH_INTERVAL_S: Final = 0.025
 DEFAULT_STOP_TIMEOUT_S: Final = 10.0
 #: How often archive eviction runs.
 EVICT_INTERVAL_S: Final = 3600
-#: How often the hub's config (tier rules, resolvers, batch cap) is fetched again.
-CONFIG_INTERVAL_S: Final = 900
+#: How often the hub's config (tier rules, resolvers, batch cap) is fetched again. Long-polls
+#: carry the hub's config tag, so a change is learnt at once; this is the safety net.
+CONFIG_INTERVAL_S: Final = 6 * 3600
 #: Tries of one request inside a step; past them the link counts as down and the probe
 #: takes over, so a dead link costs one request per probe, not a retry loop per tier.
 STEP_ATTEMPTS: Final = 2
@@ -296,6 +297,9 @@ class EdgeDaemon:
         self._final_errors: dict[str, str] = {}
         self._closed = False
         self._metrics = EdgeMetrics(config.node_id) if config.metrics_listen else None
+        # The live long-poll in flight: when it began and the tiers it watches for changes
+        # (those the previous one confirmed the hub watches). Their interval pulls wait.
+        self._watching: tuple[float, frozenset[Tier]] | None = None
 
     # -- what the application sees ------------------------------------------------------------
 
@@ -513,11 +517,28 @@ class EdgeDaemon:
             if policy.pull_mode is PullMode.INTERVAL:
                 assert policy.pull_interval_s is not None
                 self._scheduler.every(
-                    f"pull:{tier}", policy.pull_interval_s, self._job("pull", tier)
+                    f"pull:{tier}", policy.pull_interval_s, self._interval_pull(tier)
                 )
         if any(p.retention is Retention.EVICT for p in self.policies.values()):
             self._scheduler.every("evict", EVICT_INTERVAL_S, self._evict)
         self._scheduler.every("config", CONFIG_INTERVAL_S, self._relearn_config)
+
+    def _interval_pull(self, tier: Tier) -> Job:
+        async def job() -> None:
+            if not self._watched(tier):
+                self._fire("pull", tier)
+
+        return job
+
+    def _watched(self, tier: Tier) -> bool:
+        """Whether the live long-poll in flight watches ``tier``: the hub ends it as soon as
+        the tier has a change for this node, so an interval pull would find nothing. Not
+        once it has been held well past its wait (a link that died without a word)."""
+        if self._watching is None:
+            return False
+        began, tiers = self._watching
+        limit = max(p.long_poll_idle_s or 0 for p in self.policies.values()) + 60
+        return tier in tiers and time.monotonic() - began < limit
 
     def _job(self, step: Step, tier: Tier) -> Job:
         async def job() -> None:
@@ -650,27 +671,51 @@ class EdgeDaemon:
             self._scheduler.once(f"retry:{name}", policy.retry_interval_s, self._job(step, tier))
 
     async def _live_pull(self, tier: Tier) -> None:
-        """Hold a long-poll open on ``tier``'s feed whenever the link is up."""
+        """Hold a long-poll open on ``tier``'s feed whenever the link is up.
+
+        It is held ``long_poll_s`` after activity and twice as long after each one that
+        brought nothing, up to ``long_poll_idle_s``: an idle edge costs one request per
+        ``long_poll_idle_s``. It also watches the ``interval`` tiers: a change for this node
+        there ends it and their pull runs at once; while it is held, their scheduled pulls
+        are skipped (the hub would have ended it)."""
         policy = self.policies[tier]
-        wait_s = float(policy.long_poll_s or 0)
+        short_s = float(policy.long_poll_s or 0)
+        idle_s = float(policy.long_poll_idle_s or short_s)
+        watch = frozenset(
+            t for t, p in self.policies.items() if p.pull_mode is PullMode.INTERVAL and t != tier
+        )
+        confirmed: frozenset[Tier] = frozenset()  # watched tiers the hub reported on last
         reach = self._reach
         assert reach is not None
+        wait_s = short_s
         quick_empty = 0
         while True:
+            if reach.state is not LinkState.ONLINE:
+                wait_s, confirmed = short_s, frozenset()
             await reach.wait_up()
             await self._bootstrapped.wait()
             started = time.monotonic()
+            self._watching = (started, confirmed)
             try:
-                applied = await self.syncer.pull_tier(tier, wait_s=wait_s)
+                result = await self.syncer.live_pull(tier, wait_s=wait_s, watch=watch)
             except SyncError as exc:
                 self._step_failed("pull", tier, exc, policy)
                 if not is_transient(exc):
                     await asyncio.sleep(policy.retry_interval_s)
                 continue
+            finally:
+                self._watching = None
             self._step_succeeded("pull", tier)
+            for t in result.due:
+                self._fire("pull", t)
+            for t in result.covered:
+                self._step_succeeded("pull", t)
+            confirmed = result.covered | result.due
+            busy = result.applied > 0 or bool(result.due)
+            wait_s = short_s if busy else min(idle_s, wait_s * 2)
             # A hub that answers at once with nothing (one that does not hold long-polls,
             # or our own change echoed back) must not turn this into a busy loop.
-            if applied == 0 and time.monotonic() - started < min(1.0, wait_s / 2):
+            if not busy and time.monotonic() - started < min(1.0, wait_s / 4):
                 quick_empty += 1
                 await asyncio.sleep(min(5.0, 0.05 * 2**quick_empty))
             else:

@@ -158,7 +158,10 @@ class HubLink:
         if self._closed:
             raise LinkError("the link to the hub is closed", code="link_closed")
         if self._session is None:
-            self._session = aiohttp.ClientSession(auto_decompress=False)
+            # A short User-Agent: an idle edge pays for every header byte of its long-polls.
+            self._session = aiohttp.ClientSession(
+                auto_decompress=False, headers={"User-Agent": "syncengine"}
+            )
         return self._session
 
     # -- the protocol -------------------------------------------------------------------------
@@ -209,11 +212,17 @@ class HubLink:
         after: int,
         limit: int,
         wait_s: float = 0.0,
+        watch: Mapping[Tier, int] | None = None,
+        tag: str | None = None,
     ) -> PullPage:
         """One page of ``tier``'s feed under ``prefixes`` after cursor ``after``.
 
         With ``wait_s`` > 0 the hub holds the request open (long-poll) until a change arrives
         or ``wait_s`` passes; the call's timeout is ``wait_s`` plus the link's timeout.
+        ``watch`` (tier → cursor) makes the long-poll also end when one of those tiers has a
+        change for this node (:attr:`PullPage.due`), and reports how far the others hold
+        nothing for it (:attr:`PullPage.watched`). With ``tag`` (the config tag learnt last)
+        the page carries the hub's current tag.
         """
         if wait_s < 0:
             raise ValueError(f"wait_s must be >= 0, not {wait_s!r}")
@@ -223,6 +232,9 @@ class HubLink:
             ("limit", str(limit)),
             ("wait", f"{wait_s:g}"),
         ]
+        params.extend(("watch", f"{Tier(t).value}:{c}") for t, c in (watch or {}).items())
+        if tag is not None:
+            params.append(("tag", tag))
         params.extend(("prefix", p) for p in prefixes)
         obj = await self._call("GET", "v1/pull", params=params, timeout_s=wait_s + self.timeout_s)
         return _decoded(decode_pull_page, obj, "pull page")

@@ -317,6 +317,27 @@ class SyncReport:
     duration_s: float
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LivePull:
+    """What one :meth:`Syncer.live_pull` did: changes applied of the live tier, the watched
+    tiers the hub says hold changes for this node (``due``: pull them), and those it says
+    hold none up to where it looked (``covered``: their cursors moved there)."""
+
+    applied: int
+    due: frozenset[Tier] = frozenset()
+    covered: frozenset[Tier] = frozenset()
+
+
+@dataclass(slots=True)
+class _Watch:
+    """The tiers a long-poll watches, and what the hub answered of them."""
+
+    tiers: tuple[Tier, ...]
+    answered: bool = False
+    watched: dict[int, int] = field(default_factory=dict)
+    due: list[int] = field(default_factory=list)
+
+
 class SyncObserver(Protocol):
     """What a :class:`Syncer` reports as it works (e.g. to Prometheus metrics)."""
 
@@ -397,6 +418,8 @@ class Syncer:
         self._seqs_checked = False  # learn_config checked this file's seqs against the hub's
         self._hub_head: dict[Tier, int] = {}  # the feed head the last pull page reported
         self._noted: dict[_Step, tuple[float, str | None]] = {}  # see _note
+        self._config_tag: str | None = None  # the hub's tag of the config learnt last
+        self._config_stale = False  # a long-poll brought another tag
 
     # -- config -------------------------------------------------------------------------------
 
@@ -435,6 +458,9 @@ class Syncer:
         if isinstance(hub_hlc, int) and not isinstance(hub_hlc, bool) and hub_hlc > 0:
             self._fold(hub_hlc)
             self._check_drift(hub_hlc, cfg.get("max_clock_drift_ms"))
+        tag = cfg.get("tag")
+        self._config_tag = tag if isinstance(tag, str) and tag else None
+        self._config_stale = False
         acked = cfg.get("acked")
         if not (
             isinstance(acked, list)
@@ -613,12 +639,51 @@ class Syncer:
         """
         return await self._pull_tier(Tier(tier), wait_s, _Tally())
 
-    async def _pull_tier(self, tier: Tier, wait_s: float, tally: _Tally) -> int:
+    async def live_pull(self, tier: Tier, *, wait_s: float, watch: Iterable[Tier] = ()) -> LivePull:
+        """Like :meth:`pull_tier` with a long-poll of ``wait_s``, which also watches the
+        tiers ``watch``: it ends as soon as any of them has a change for this node (those
+        come back in :attr:`LivePull.due`, to be pulled), and the cursors of the others
+        move up to where the hub found nothing for this node (:attr:`LivePull.covered`).
+        One held request thus stands in for the interval pulls of those tiers while the
+        edge is idle: what an idle edge costs on the wire. A config tag change seen on the
+        way is learnt before returning."""
+        seen = _Watch(tiers=tuple(Tier(t) for t in watch if Tier(t) != tier))
+        applied = await self._pull_tier(Tier(tier), wait_s, _Tally(), seen)
+        covered = []
+        for t, cursor in seen.watched.items():
+            if await self._follow_watch(Tier.from_priority(t), cursor):
+                covered.append(Tier.from_priority(t))
+        if self._config_stale:
+            await self.learn_config()
+        return LivePull(
+            applied=applied,
+            due=frozenset(Tier.from_priority(t) for t in seen.due),
+            covered=frozenset(covered),
+        )
+
+    async def _follow_watch(self, tier: Tier, cursor: int) -> bool:
+        """Move ``tier``'s cursor up to ``cursor``, below which the hub holds nothing for
+        this node, unless a pull of it runs (it knows better) or a bootstrap is unfinished."""
+        lock = self._pull_locks[tier]
+        if lock.locked():
+            return False
+        async with lock:
+            if await self.store.bootstrap_progress() is not None:
+                return False
+            name = f"pull:{tier.value}"
+            if cursor > await self.store.cursor(name):
+                await self.store.apply_remote([], cursor=cursor, cursor_name=name, ids=[])
+        await self._note("pull", tier, hub_head=self._hub_head.get(tier))
+        return True
+
+    async def _pull_tier(
+        self, tier: Tier, wait_s: float, tally: _Tally, watch: _Watch | None = None
+    ) -> int:
         if not self.subscriptions:
             return 0
         try:
             try:
-                applied = await self._pull_tier_body(tier, wait_s, tally)
+                applied = await self._pull_tier_body(tier, wait_s, tally, watch)
             except SequenceError as exc:
                 if exc.code != CURSOR_BEHIND_HORIZON:
                     raise
@@ -630,7 +695,9 @@ class Syncer:
         await self._note("pull", tier, hub_head=self._hub_head.get(tier))
         return applied
 
-    async def _pull_tier_body(self, tier: Tier, wait_s: float, tally: _Tally) -> int:
+    async def _pull_tier_body(
+        self, tier: Tier, wait_s: float, tally: _Tally, watch: _Watch | None = None
+    ) -> int:
         name = f"pull:{tier.value}"
         applied = 0
         attempt = 0
@@ -647,6 +714,8 @@ class Syncer:
                 await self.learn_config()
             while True:
                 after = await self.store.cursor(name)
+                tiers = watch.tiers if watch is not None and not watch.answered else ()
+                watching = {t: await self.store.cursor(f"pull:{t.value}") for t in tiers}
                 try:
                     page = await self.link.pull(
                         tier=tier,
@@ -654,6 +723,8 @@ class Syncer:
                         after=after,
                         limit=self.pull_sizer.size,
                         wait_s=wait_s,
+                        watch=watching,
+                        tag=self._config_tag if tiers else None,
                     )
                 except SyncError as exc:
                     if not is_transient(exc):
@@ -664,6 +735,10 @@ class Syncer:
                     continue
                 self._recovered()
                 attempt = 0
+                if watch is not None and not watch.answered:  # the first page, the long-poll
+                    watch.watched, watch.due, watch.answered = page.watched, page.due, True
+                if page.cfg is not None and page.cfg != self._config_tag:
+                    self._config_stale = True
                 if page.more and page.next_cursor <= after:
                     raise DecodeError(
                         f"hub says more follows cursor {after} but moved it to {page.next_cursor}",

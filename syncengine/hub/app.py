@@ -22,7 +22,8 @@ behind a load balancer against the same PostgreSQL and Redis.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -36,7 +37,7 @@ from aiohttp import web
 from syncengine import crashpoints
 from syncengine.cells import parse_cell
 from syncengine.clock import HybridClock
-from syncengine.codec import Limits
+from syncengine.codec import Limits, encode
 from syncengine.config import HubConfig
 from syncengine.errors import (
     DecodeError,
@@ -53,6 +54,7 @@ from syncengine.protocol import (
     MAX_PULL_LIMIT,
     MAX_RECORD_KEYS,
     PROTOCOL_VERSION,
+    PullPage,
     decode_body,
     decode_push,
     encode_body,
@@ -60,14 +62,15 @@ from syncengine.protocol import (
     encode_push_answer,
     encode_snapshot_page,
 )
-from syncengine.tiers import Tier
+from syncengine.tiers import MAX_LONG_POLL_S, Tier
 
 __all__ = ["MSGPACK", "Hub", "run_hub"]
 
 log = logging.getLogger(__name__)
 
 MSGPACK: Final = "application/msgpack"
-MAX_WAIT_S: Final = 60.0
+#: The longest long-poll: an idle edge holds one this long (tiers' ``long_poll_idle_s``).
+MAX_WAIT_S: Final = float(MAX_LONG_POLL_S)
 #: The authenticated node of a request.
 _NODE_ID: Final = web.RequestKey("node_id", str)
 #: With Redis down, a long-poll re-reads PostgreSQL this often instead of waiting for pub/sub.
@@ -95,6 +98,18 @@ class Hub:
         # Set when the server shuts down: held long-polls answer at once instead of making
         # the shutdown wait out their `wait`.
         self._closing = False
+        # What every edge learns (GET /v1/config), and a tag that changes with it: long-polls
+        # carry the tag, so edges learn a new config without asking every few minutes.
+        self._edge_config: dict[str, Any] = {
+            "v": PROTOCOL_VERSION,
+            "region": config.region,
+            "tier_rules": config.tier_rules.to_wire(),
+            "resolvers": self.resolvers,
+            "max_clock_drift_ms": config.max_clock_drift_s * 1000,
+            "max_batch_changes": config.max_batch_changes,
+            "max_body_bytes": config.max_body_bytes,
+        }
+        self.config_tag = hashlib.sha256(encode(self._edge_config)).hexdigest()[:12]
         self.app = self._build_app()
 
     @classmethod
@@ -199,6 +214,7 @@ class Hub:
             time.perf_counter() - started
         )
         response.headers["X-Hub-HLC"] = str(self.clock.now())
+        response.headers["Server"] = "syncengine"  # idle edges pay for every header byte
         return response
 
     def _error_response(
@@ -283,38 +299,67 @@ class Hub:
         after = _int_param(q, "after", 0, 0, (1 << 63) - 1)
         limit = _int_param(q, "limit", 1000, 1, MAX_PULL_LIMIT)
         wait = _float_param(q, "wait", 0.0, 0.0, MAX_WAIT_S)
+        watch = _watch_params(q.getall("watch", []), tier)
         prefixes = nodes.check_readable(node, self.config.region, q.getall("prefix", []))
         if not prefixes:
             raise InvalidInputError("give at least one prefix=…", code="missing_prefix")
         deadline = time.monotonic() + wait
         asked = after
+        due: list[int] = []
+        checked = False  # the watched tiers were looked at (not when the page had changes)
         while True:
-            # Take the event before reading: a push landing after the read still wakes us.
-            event = self._wake[tier]
-            page = await feed.read_page(
-                self.pool,
-                node_id=node.node_id,
-                tier=tier,
-                prefixes=prefixes,
-                after=after,
-                limit=limit,
-                clock=self.clock,
-                cache=self.cache,
-            )
+            # Take the events before reading: a push landing after the read still wakes us.
+            events = [self._wake[t] for t in (tier, *watch)]
+            page = await self._read_page(node.node_id, tier, prefixes, after, limit)
             remaining = deadline - time.monotonic()
             gone = request.transport is None or request.transport.is_closing()
-            if page.changes or remaining <= 0 or self._closing or gone:
+            if not page.changes and watch:
+                due, checked = await self._watch(node.node_id, prefixes, watch), True
+            if page.changes or due or remaining <= 0 or self._closing or gone:
                 break  # (an edge that hung up gets nothing: no reason to hold its slot)
             after = page.next_cursor
             # Wake on a push (local, or from another process via Redis pub/sub); re-read
             # PostgreSQL anyway every few seconds, and every second while Redis is down.
             recheck = POLL_FALLBACK_S if self.cache.degraded else RECHECK_S
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), timeout=min(remaining, recheck))
+            await _wait_any(events, min(remaining, recheck))
+        if watch or "tag" in q:
+            page = dataclasses.replace(
+                page,
+                watched={t: c for t, c in watch.items() if t not in due} if checked else {},
+                due=due,
+                cfg=self.config_tag if "tag" in q else None,
+            )
         self.metrics.pulls.labels(tier=Tier.from_priority(tier).value).inc()
         # The cursor the node asked from is what it has applied: its lag is the head minus it.
         await self.activity.pulled(node.node_id, tier, asked)
         return self._msgpack_response(request, encode_pull_page(page))
+
+    async def _read_page(
+        self, node_id: str, tier: int, prefixes: list[str], after: int, limit: int
+    ) -> PullPage:
+        return await feed.read_page(
+            self.pool,
+            node_id=node_id,
+            tier=tier,
+            prefixes=prefixes,
+            after=after,
+            limit=limit,
+            clock=self.clock,
+            cache=self.cache,
+        )
+
+    async def _watch(self, node_id: str, prefixes: list[str], watch: dict[int, int]) -> list[int]:
+        """The watched tiers holding a change for the node after their cursor; the others'
+        cursors move (in ``watch``) to where the hub looked, so each check scans only what
+        is new."""
+        due = []
+        for t, cursor in watch.items():
+            page = await self._read_page(node_id, t, prefixes, cursor, 1)
+            if page.changes or page.more:
+                due.append(t)
+            else:
+                watch[t] = page.next_cursor
+        return due
 
     async def _snapshot(self, request: web.Request) -> web.Response:
         node = await self._node(request)
@@ -395,13 +440,8 @@ class Hub:
             acked = await snapshot.acked_seqs(self.pool, node.node_id)
             head = await self.pool.fetchval("SELECT id FROM feed_head")
         body = {
-            "v": PROTOCOL_VERSION,
-            "region": self.config.region,
-            "tier_rules": self.config.tier_rules.to_wire(),
-            "resolvers": self.resolvers,
-            "max_clock_drift_ms": self.config.max_clock_drift_s * 1000,
-            "max_batch_changes": self.config.max_batch_changes,
-            "max_body_bytes": self.config.max_body_bytes,
+            **self._edge_config,
+            "tag": self.config_tag,
             "hub_hlc": self.clock.now(),
             # What the hub holds of the caller, per lane: a new store of a node that lost
             # its file numbers its queued changes after it (they are not replays).
@@ -487,6 +527,36 @@ class Hub:
         self._exported = (self.cache.hits, self.cache.misses)
         body, content_type = self.metrics.render()
         return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def _watch_params(values: list[str], tier: int) -> dict[int, int]:
+    """``watch=TIER:CURSOR`` (repeatable): tiers a long-poll also watches for the node."""
+    watch: dict[int, int] = {}
+    for value in values:
+        name, _, cursor = value.partition(":")
+        t = _tier_param(name)
+        try:
+            at = int(cursor)
+        except ValueError:
+            at = -1
+        if not 0 <= at < 1 << 63:
+            raise InvalidInputError(
+                f"watch={value!r:.60}: give TIER:CURSOR, e.g. watch=important:1234",
+                code="invalid_param",
+            )
+        if t != tier:
+            watch[t] = at
+    return watch
+
+
+async def _wait_any(events: list[asyncio.Event], for_s: float) -> None:
+    """Until one of ``events`` is set or ``for_s`` seconds pass."""
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=for_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
 
 
 def _tier_param(value: str) -> int:

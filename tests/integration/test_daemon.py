@@ -371,3 +371,56 @@ async def test_both_metrics_endpoints_move_when_work_happens(tmp_path: Path, hub
     assert moved(hub0, hub1, "syncengine_hub_changes_applied_total") == 2
     assert moved(hub0, hub1, "syncengine_hub_received_bytes_total") > 0
     assert moved(hub0, hub1, "syncengine_hub_pulls_total", tier="critical") >= 1
+
+
+class CountingLink(HubLink):
+    """A link that lists the route and ``wait`` of every request it sends."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.sent: list[tuple[str, str]] = []
+
+    async def _call(self, method: str, path: str, **kw: Any) -> Any:
+        params = dict(kw.get("params") or ())
+        self.sent.append((path, f"{params.get('tier', '')}:{params.get('wait', '')}"))
+        return await super()._call(method, path, **kw)
+
+
+async def test_an_idle_edge_holds_one_long_poll_that_stands_in_for_interval_pulls(
+    tmp_path: Path, hub: Any
+) -> None:
+    token = await hub.add_node("n1")
+    writer_token = await hub.add_node("w1")
+    config = edge_config(
+        tmp_path,
+        hub.url,
+        token,
+        critical={"long_poll_s": 1, "long_poll_idle_s": 4},
+        important={"pull_interval_s": 1, "push_interval_s": 1},
+    )
+    link = CountingLink(hub.url, token, node_id="n1")
+    async with link, running(config, link=link) as daemon:
+        await asyncio.sleep(9)
+        polls = [w for path, w in link.sent if path == "v1/pull" and w.startswith("critical")]
+        others = [(p, w) for p, w in link.sent if p == "v1/pull" and not w.startswith("critical")]
+        # The waits double while nothing comes: 1, 2, 4, 4 ... (not nine 1 s polls).
+        assert polls[:4] == ["critical:1", "critical:2", "critical:4", "critical:4"], polls
+        # Important is pulled at start (and maybe once before the first long-poll has
+        # reported on it), then only through the watch: not every second.
+        assert len(others) <= 3, others
+        assert len([p for p, _ in link.sent if p == "v1/config"]) == 1, link.sent
+
+        # A change for this node in the watched tier ends the long-poll: pulled at once.
+        async with HubLink(hub.url, writer_token, node_id="w1") as wlink:
+            store = await EdgeStore.open(tmp_path / "w1.db", node_id="w1", region="west")
+            async with store:
+                writer = Syncer(store, wlink, subscriptions=[])
+                await writer.learn_config()
+                await store.put(STOCK, "stock", "soap", {"qty": 3})
+                await writer.push_lane(Tier.IMPORTANT.priority)
+        took = await until(
+            lambda: daemon.store.get(STOCK, "stock", "soap"), timeout=5, what="the stock change"
+        )
+        assert took < 2.0
+        # Its cursor moved with the watch, so status shows the tier as pulled.
+        assert "pull:important" in daemon.health().last_success

@@ -40,6 +40,7 @@ from syncengine.edge.sync import Syncer
 from syncengine.errors import (
     AuthenticationError,
     DecodeError,
+    InvalidInputError,
     LinkError,
     SequenceError,
 )
@@ -285,6 +286,52 @@ async def test_long_poll_returns_as_soon_as_a_change_lands(hub: Any, tmp_path: P
         assert time.monotonic() - started < 10
         assert await waiter.store.get(ALERTS, "visits", "a1") == {"f0": "fire"}
         assert await waiter.store.cursor("pull:critical") == 1
+
+
+async def test_a_long_poll_watches_other_tiers_and_carries_the_config_tag(
+    hub: Any, tmp_path: Path
+) -> None:
+    tokens = {n: await hub.add_node(n, CELL) for n in ("edge-w1", "edge-w2")}
+    async with AsyncExitStack() as stack:
+        writer, waiter = [
+            await stack.enter_async_context(edge(stack, tmp_path, n, hub.url, t))
+            for n, t in tokens.items()
+        ]
+        # A change of another node's cell in the watched tier moves its cursor, no pull.
+        other = await hub.add_node("edge-w3", "west/ng/lagos/clinic-7")
+        async with edge(stack, tmp_path, "edge-w3", hub.url, other) as e3:
+            await e3.store.put("west/ng/lagos/clinic-7/stock", "stock", "x", {"qty": 1})
+            await e3.syncer.push_lane(Tier.STANDARD.priority)
+        idle = await waiter.syncer.live_pull(Tier.CRITICAL, wait_s=0.5, watch=[Tier.STANDARD])
+        assert idle.applied == 0 and idle.due == frozenset()
+        assert idle.covered == {Tier.STANDARD}
+        head = await hub.hub.pool.fetchval("SELECT id FROM feed_head")
+        assert await waiter.store.cursor("pull:standard") == head
+
+        # A change for it ends the long-poll early and names the tier due.
+        started = time.monotonic()
+        async with asyncio.TaskGroup() as group:
+            polled = group.create_task(
+                waiter.syncer.live_pull(Tier.CRITICAL, wait_s=20, watch=[Tier.STANDARD])
+            )
+            await asyncio.sleep(0.3)
+            await writer.store.put(CELL, "visits", "v1", {"f0": 1})
+            assert await writer.syncer.push_lane(Tier.STANDARD.priority) == 1
+        assert polled.result().due == {Tier.STANDARD} and polled.result().covered == set()
+        assert time.monotonic() - started < 10
+        assert await waiter.store.cursor("pull:standard") == head  # the pull is the daemon's
+
+        # The page carries the hub's config tag; a page with another makes the edge relearn.
+        page = await waiter.link.pull(
+            tier=Tier.CRITICAL, prefixes=[CELL], after=0, limit=10, tag="old"
+        )
+        assert page.cfg == hub.hub.config_tag and page.watched == {} and page.due == []
+        with pytest.raises(InvalidInputError) as bad:
+            await waiter.link._call(
+                "GET", "v1/pull", timeout_s=5,
+                params=[("tier", "critical"), ("watch", "important"), ("prefix", CELL)],
+            )
+        assert bad.value.code == "invalid_param" and "TIER:CURSOR" in bad.value.message
 
 
 # ----------------------------------------------------------------------------- dead letters
