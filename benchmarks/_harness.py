@@ -35,6 +35,8 @@ class Bench:
     url: str
     dsn: str
     pool: asyncpg.Pool
+    #: The hub process's pid (for its RSS).
+    hub_pid: int = 0
 
 
 def _serve(settings: dict[str, Any]) -> None:
@@ -43,8 +45,9 @@ def _serve(settings: dict[str, Any]) -> None:
 
 
 @asynccontextmanager
-async def running_hub() -> AsyncIterator[Bench]:
-    """Private PostgreSQL + Redis + one hub in its own process, on loopback."""
+async def running_hub(**overrides: Any) -> AsyncIterator[Bench]:
+    """Private PostgreSQL + Redis + one hub in its own process, on loopback; ``overrides``
+    are hub.toml keys."""
     with PostgresServer() as pg, RedisServer() as redis:
         dsn = pg.create_database("bench")
         settings = {
@@ -53,6 +56,7 @@ async def running_hub() -> AsyncIterator[Bench]:
             "redis_url": redis.url(),
             "listen": f"127.0.0.1:{free_port()}",
             "max_batch_changes": 5000,
+            **overrides,
         }
         proc = multiprocessing.get_context("spawn").Process(target=_serve, args=(settings,))
         proc.start()
@@ -71,7 +75,7 @@ async def running_hub() -> AsyncIterator[Bench]:
                     await asyncio.sleep(0.05)
                 else:
                     raise RuntimeError("hub did not become ready")
-            yield Bench(url=url, dsn=dsn, pool=pool)
+            yield Bench(url=url, dsn=dsn, pool=pool, hub_pid=proc.pid or 0)
         finally:
             await pool.close()
             proc.terminate()

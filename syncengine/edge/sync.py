@@ -60,6 +60,7 @@ from syncengine.protocol import (
     DEFAULT_MAX_BATCH_CHANGES,
     MAX_PULL_LIMIT,
     MAX_RECORD_KEYS,
+    PushAnswer,
     SnapshotPage,
 )
 from syncengine.tiers import Tier, TierRules
@@ -527,54 +528,74 @@ class Syncer:
             pushed = 0
             attempt = 0
             cap: int | None = None  # bisection: the batch size a rejection forced down
-            while True:
-                await self.gate.turn(lane)
-                limit = self.sizer.size if cap is None else min(cap, self.sizer.size)
-                batch = await outbox.next_batch(limit=limit, lanes=[lane])
-                if batch is None or batch.first_seq > stop_after:
-                    return pushed
-                try:
-                    answer = await self.link.push(batch)
-                except SyncError as exc:
-                    if is_transient(exc):
-                        self.sizer.failure()
-                        await self._pause(exc, attempt, "push", tier)
-                        attempt += 1
+            # Pipelining: while a batch is in flight the next one is read, encoded and sent
+            # (the hub applies them in seq order), so neither side waits on the other.
+            ahead: tuple[OutboxBatch, asyncio.Task[PushAnswer]] | None = None
+            try:
+                while True:
+                    await self.gate.turn(lane)
+                    if ahead is not None:
+                        (batch, sent), ahead = ahead, None
+                    else:
+                        limit = self.sizer.size if cap is None else min(cap, self.sizer.size)
+                        found = await outbox.next_batch(limit=limit, lanes=[lane])
+                        if found is None or found.first_seq > stop_after:
+                            return pushed
+                        batch = found
+                        sent = asyncio.ensure_future(self.link.push(batch))
+                    if cap is None and attempt == 0:
+                        nxt = await outbox.next_batch(
+                            limit=self.sizer.size, lanes=[lane], after={lane: batch.last_seq}
+                        )
+                        if nxt is not None and nxt.first_seq <= stop_after:
+                            ahead = (nxt, asyncio.ensure_future(self.link.push(nxt)))
+                    try:
+                        answer = await sent
+                    except SyncError as exc:
+                        # The batch behind it is sent again, in order, once this one passes.
+                        await _drop(ahead)
+                        ahead = None
+                        if is_transient(exc):
+                            self.sizer.failure()
+                            await self._pause(exc, attempt, "push", tier)
+                            attempt += 1
+                            continue
+                        if not isinstance(exc, InvalidInputError | PermissionDeniedError):
+                            raise
+                        if rejects_node(exc):
+                            raise  # never dead-letter these; the caller reports them
+                        cap = await self._reject(batch, exc, cap, tally)
                         continue
-                    if not isinstance(exc, InvalidInputError | PermissionDeniedError):
-                        raise
-                    if rejects_node(exc):
-                        raise  # never dead-letter these; the caller reports them
-                    cap = await self._reject(batch, exc, cap, tally)
-                    continue
-                self._recovered()
-                attempt = 0
-                if answer.acked < batch.first_seq:
-                    # The hub applied nothing and claims success: retrying would loop.
-                    raise SequenceError(
-                        f"lane {lane}: the hub acknowledged seq {answer.acked} for a batch "
-                        f"starting at {batch.first_seq}",
-                        code="ack_behind",
-                        detail={"lane": lane, "acked": answer.acked, "first": batch.first_seq},
-                    )
-                crashpoints.crashpoint("push.after_ack_before_outbox_delete")
-                done = await outbox.ack(lane, answer.acked)
-                pushed += done
-                tally.pushed[tier] += done
-                if self.observer is not None:
-                    self.observer.batch_pushed(tier, done)
-                self._fold(answer.hub_hlc)
-                self.sizer.success(len(batch.changes))
-                if cap is not None:
-                    # Grow back after the culprit is behind us, as the sizer would.
-                    cap = None if cap * 2 >= self.sizer.size else cap * 2
-                if answer.conflicts:
-                    log.debug(
-                        "node %s lane %s: %d conflicts logged by the hub",
-                        self.store.node_id,
-                        tier,
-                        answer.conflicts,
-                    )
+                    self._recovered()
+                    attempt = 0
+                    if answer.acked < batch.first_seq:
+                        # The hub applied nothing and claims success: retrying would loop.
+                        raise SequenceError(
+                            f"lane {lane}: the hub acknowledged seq {answer.acked} for a batch "
+                            f"starting at {batch.first_seq}",
+                            code="ack_behind",
+                            detail={"lane": lane, "acked": answer.acked, "first": batch.first_seq},
+                        )
+                    crashpoints.crashpoint("push.after_ack_before_outbox_delete")
+                    done = await outbox.ack(lane, answer.acked)
+                    pushed += done
+                    tally.pushed[tier] += done
+                    if self.observer is not None:
+                        self.observer.batch_pushed(tier, done)
+                    self._fold(answer.hub_hlc)
+                    self.sizer.success(len(batch.changes))
+                    if cap is not None:
+                        # Grow back after the culprit is behind us, as the sizer would.
+                        cap = None if cap * 2 >= self.sizer.size else cap * 2
+                    if answer.conflicts:
+                        log.debug(
+                            "node %s lane %s: %d conflicts logged by the hub",
+                            self.store.node_id,
+                            tier,
+                            answer.conflicts,
+                        )
+            finally:
+                await _drop(ahead)
 
     async def _reject(
         self, batch: OutboxBatch, exc: SyncError, cap: int | None, tally: _Tally
@@ -799,8 +820,15 @@ class Syncer:
                 if prefix in state["done"]:
                     continue
                 after = state["after"] if state["prefix"] == prefix else None
+                coming = asyncio.ensure_future(self._snapshot_page(prefix, after))
                 while True:
-                    page = await self._snapshot_page(prefix, after)
+                    try:
+                        page = await coming
+                    finally:
+                        coming.cancel()
+                    if page.next is not None:
+                        # Fetch the next page while this one is written to the store.
+                        coming = asyncio.ensure_future(self._snapshot_page(prefix, page.next))
                     total += len(page.records)
                     cursor = state["cursor"]
                     state = {
@@ -811,14 +839,17 @@ class Syncer:
                         "cursor": page.cursor if cursor is None else min(cursor, page.cursor),
                         "records": total,
                     }
-                    await store.adopt(page.records, page.acked, bootstrap=state)
-                    crashpoints.crashpoint("bootstrap.after_page_commit")
+                    try:
+                        await store.adopt(page.records, page.acked, bootstrap=state)
+                        crashpoints.crashpoint("bootstrap.after_page_commit")
+                    except BaseException:
+                        coming.cancel()
+                        raise
                     self.snapshot_sizer.success(len(page.records))
                     if progress is not None:
                         progress(total, prefix)
                     if page.next is None:
                         break
-                    after = page.next
             await store.finish_bootstrap(
                 {*state["done"], *wanted}, state["cursor"], rebase=bool(state.get("rebase"))
             )
@@ -1102,6 +1133,17 @@ class Syncer:
                     self.store.node_id,
                     exc.message,
                 )
+
+
+async def _drop(ahead: tuple[OutboxBatch, asyncio.Task[PushAnswer]] | None) -> None:
+    """Give up a pipelined push: whether it reached the hub or not, its batch is still in
+    the outbox and is sent again (a replay the hub answers as the first time)."""
+    if ahead is None:
+        return
+    task = ahead[1]
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, SyncError):
+        await task
 
 
 def _priority(tier: Tier) -> int:

@@ -13,14 +13,17 @@ the lock is taken. ``benchmarks/sync_push.py`` measures the resulting rate besid
 
 Dedup: per ``(node, lane)`` the hub keeps the highest seq applied. A batch at or below it
 is a replay and answers the same ``acked``; a batch starting beyond it + 1 is a gap (409);
-an overlapping batch applies only the seqs above it. A "replay" whose changes differ from the
+an overlapping batch applies only the seqs above it. Edges pipeline their batches, so a batch
+may arrive before the one it follows: it waits a moment for it before being called a gap. A "replay" whose changes differ from the
 ones held under the same seqs (by ``hlc``) is refused (409 ``seq_reused``), never dropped.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -45,6 +48,10 @@ from syncengine.tiers import TierRules
 __all__ = ["FEED_LOCK_KEY", "AppliedBatch", "apply_push", "check_batch"]
 
 log = logging.getLogger(__name__)
+
+#: How long a batch that arrived before its predecessor waits for it, and how often it looks.
+GAP_WAIT_S: Final = 3.0
+GAP_POLL_S: Final = 0.05
 
 #: Advisory lock serializing feed appends of one database ("syncfeed").
 FEED_LOCK_KEY: Final = 0x73796E6366656564
@@ -136,6 +143,16 @@ async def _check_replayed(
         )
 
 
+class _Gap(Exception):
+    def __init__(self, acked: int) -> None:
+        self.acked = acked
+
+
+#: Per node lane, set when a batch of it commits in this process (pipelined batches wait
+#: on it for their predecessor).
+_advanced: dict[tuple[str, int], asyncio.Event] = {}
+
+
 async def apply_push(
     pool: asyncpg.Pool,
     node: Node,
@@ -146,7 +163,54 @@ async def apply_push(
     tier_rules: TierRules,
     resolvers: dict[str, str],
 ) -> AppliedBatch:
-    """Apply ``batch`` (already checked with :func:`check_batch`) exactly once."""
+    """Apply ``batch`` (already checked with :func:`check_batch`) exactly once.
+
+    A batch that starts past the next seq the hub expects waits up to :data:`GAP_WAIT_S`
+    for the batches before it (an edge pipelines its pushes: they may arrive out of
+    order), then is refused (409 ``seq_gap``)."""
+    lane_key = (node.node_id, batch.lane)
+    deadline = time.monotonic() + GAP_WAIT_S
+    while True:
+        advanced = _advanced.setdefault(lane_key, asyncio.Event())
+        try:
+            applied = await _apply_once(
+                pool,
+                node,
+                batch,
+                region=region,
+                clock=clock,
+                tier_rules=tier_rules,
+                resolvers=resolvers,
+            )
+        except _Gap as gap:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SequenceError(
+                    f"lane {batch.lane} of node {node.node_id!r}: batch starts at seq "
+                    f"{batch.first_seq}, but the hub has applied only up to {gap.acked}",
+                    hint="Seqs between were never received; the edge's store may have been "
+                    "replaced. See `syncengine edge recover`.",
+                    detail={"lane": batch.lane, "acked": gap.acked, "first": batch.first_seq},
+                ) from None
+            # Woken by a commit of this lane here; polled for one in another hub process.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(advanced.wait(), timeout=min(left, GAP_POLL_S))
+            continue
+        if applied.answer.applied:
+            _advanced.pop(lane_key, advanced).set()
+        return applied
+
+
+async def _apply_once(
+    pool: asyncpg.Pool,
+    node: Node,
+    batch: PushBatch,
+    *,
+    region: str,
+    clock: HybridClock,
+    tier_rules: TierRules,
+    resolvers: dict[str, str],
+) -> AppliedBatch:
     async with translated("push"), pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", FEED_LOCK_KEY)
         acked = await conn.fetchval(
@@ -165,13 +229,7 @@ async def apply_push(
                 tiers=frozenset(),
             )
         if batch.first_seq > acked + 1:
-            raise SequenceError(
-                f"lane {batch.lane} of node {node.node_id!r}: batch starts at seq "
-                f"{batch.first_seq}, but the hub has applied only up to {acked}",
-                hint="Seqs between were never received; the edge's store may have been "
-                "replaced. See `syncengine edge recover`.",
-                detail={"lane": batch.lane, "acked": acked, "first": batch.first_seq},
-            )
+            raise _Gap(acked)  # (the transaction rolls back: nothing was written)
         todo = [c for c in batch.changes if c.seq > acked]
         # Grants are checked here, on what is not applied yet: a replay of changes applied
         # before the operator narrowed the grants must answer as the first time did, not

@@ -334,6 +334,30 @@ async def test_a_long_poll_watches_other_tiers_and_carries_the_config_tag(
         assert bad.value.code == "invalid_param" and "TIER:CURSOR" in bad.value.message
 
 
+async def test_a_batch_that_overtakes_the_one_before_it_waits_for_it(
+    hub: Any, tmp_path: Path
+) -> None:
+    token = await hub.add_node("edge-p", CELL)
+    async with AsyncExitStack() as stack:
+        e = await stack.enter_async_context(edge(stack, tmp_path, "edge-p", hub.url, token))
+        for i in range(4):
+            await e.store.put(CELL, "visits", f"k{i}", {"n": i})
+        first = await e.store.outbox.next_batch(limit=2)
+        assert first is not None
+        second = await e.store.outbox.next_batch(limit=2, after={first.lane: first.last_seq})
+        assert second is not None and second.first_seq == first.last_seq + 1
+        # The second arrives first: the hub holds it until the first has been applied.
+        later = asyncio.ensure_future(e.link.push(second))
+        await asyncio.sleep(0.3)
+        assert not later.done()
+        assert (await e.link.push(first)).acked == first.last_seq
+        assert (await later).acked == second.last_seq
+        assert await feed_count(hub) == 4
+        # The feed holds them in seq order.
+        seqs = await hub.hub.pool.fetch("SELECT seq FROM feed ORDER BY id")
+        assert [r["seq"] for r in seqs] == [1, 2, 3, 4]
+
+
 # ----------------------------------------------------------------------------- dead letters
 
 

@@ -8,7 +8,7 @@ import logging
 import random
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -185,7 +185,15 @@ class FakeLink:
         )
 
     async def pull(
-        self, *, tier: Tier, prefixes: Sequence[str], after: int, limit: int, wait_s: float = 0.0
+        self,
+        *,
+        tier: Tier,
+        prefixes: Sequence[str],
+        after: int,
+        limit: int,
+        wait_s: float = 0.0,
+        watch: Mapping[Tier, int] | None = None,
+        tag: str | None = None,
     ) -> PullPage:
         self.pulls += 1
         if self.fail_next:

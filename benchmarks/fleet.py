@@ -1,0 +1,312 @@
+"""A region's fleet against one hub: N edges writing, pushing and pulling at once.
+
+    .venv/bin/python benchmarks/fleet.py [--edges N] [--rate R] [--seconds S] [--workers W]
+                                         [--json]
+
+N light edges (default 1,000), each with its own SQLite store, share W worker processes
+(default 2; one event loop each, one aiohttp session per process) and talk to one hub process
+on loopback. Each edge writes R changes/s (default 10) for S seconds with a realistic mix:
+5% critical alerts, 60% important stock, 35% standard visits, each in its own clinic's cells.
+Subscriptions overlap: an edge pulls its own cells and the stock of the ten clinics of its
+district. Every ``--round`` seconds (default 1) each edge pushes every lane and pulls every
+tier, as the daemon's rounds do, compressed.
+
+When writes stop, the edges go on until they have converged: every outbox empty and every
+edge's cursors at the feed head as it stood once the last push landed. Then every edge holds
+an idle long-poll (with the interval tiers watched, as the daemon does) for a while.
+
+Prints the hub's throughput, p50/p99 push and pull latency (per request), the time to
+converge after writes stop, the hub's peak RSS, the most PostgreSQL connections used, the
+bytes of one idle long-poll exchange and what that makes a day at the default
+``long_poll_idle_s``, and raw COPY rows/s into the same PostgreSQL (the physical limit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from _harness import fields, make_changes, raw_copy_rate, running_hub
+
+from syncengine.edge.link import HubLink
+from syncengine.edge.store import EdgeStore
+from syncengine.edge.sync import Syncer
+from syncengine.errors import SyncError
+from syncengine.hub.nodes import add_node
+from syncengine.tiers import DEFAULT_LONG_POLL_IDLE_S, Tier
+
+REGION = "west/ng/lagos"
+TIER_RULES = [
+    {"prefix": f"{REGION}/alerts", "tier": "critical"},
+    {"prefix": f"{REGION}/stock", "tier": "important"},
+]
+DAY_S = 86_400
+
+
+def cells(i: int) -> tuple[str, str, str]:
+    """Clinic ``i``'s alert, stock and visit cells (the tier is in the path)."""
+    return (
+        f"{REGION}/alerts/c{i:05d}",
+        f"{REGION}/stock/d{i // 10:04d}/c{i:05d}",
+        f"{REGION}/visits/c{i:05d}",
+    )
+
+
+def subscriptions(i: int) -> list[str]:
+    alerts, _, visits = cells(i)
+    return [alerts, f"{REGION}/stock/d{i // 10:04d}", visits]
+
+
+class TimedLink(HubLink):
+    """Keeps the duration of every push and pull request."""
+
+    def __init__(self, *args: Any, timings: dict[str, list[float]], **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.timings = timings
+
+    async def _call(self, method: str, path: str, **kw: Any) -> Any:
+        started = time.perf_counter()
+        result = await super()._call(method, path, **kw)
+        if path in self.timings and (path != "v1/pull" or dict(kw["params"])["wait"] == "0"):
+            self.timings[path].append(time.perf_counter() - started)
+        return result
+
+
+async def _edge_rounds(
+    syncer: Syncer, stop: asyncio.Event, round_s: float, rng: random.Random
+) -> None:
+    await asyncio.sleep(rng.uniform(0, round_s))  # edges are not in step
+    while not stop.is_set():
+        began = time.monotonic()
+        try:
+            for lane in range(3):
+                await syncer.push_lane(lane)
+            for tier in (Tier.CRITICAL, Tier.IMPORTANT, Tier.STANDARD):
+                await syncer.pull_tier(tier)
+        except SyncError as exc:
+            print(f"{syncer.store.node_id}: {exc.code}: {exc.message}", file=sys.stderr)
+        await asyncio.sleep(max(0.0, round_s - (time.monotonic() - began)))
+
+
+async def _converged(syncer: Syncer, head: int) -> bool:
+    depth = sum(s.depth for s in await syncer.store.outbox.status())
+    cursors = [await syncer.store.cursor(f"pull:{t.value}") for t in Tier if t is not Tier.ARCHIVE]
+    return depth == 0 and min(cursors) >= head
+
+
+async def _all_converged(edges: list[tuple[int, Syncer]], head: int) -> bool:
+    return all([await _converged(s, head) for _, s in edges])
+
+
+async def _until(check: Callable[[], bool | Awaitable[bool]], every: float = 0.05) -> None:
+    """Poll ``check`` (state shared with other processes: nothing to await on)."""
+    while True:
+        done = check()
+        if done if isinstance(done, bool) else await done:
+            return
+        await asyncio.sleep(every)
+
+
+async def _worker_main(job: dict[str, Any], shared: dict[str, Any]) -> dict[str, Any]:
+    timings: dict[str, list[float]] = {"v1/push": [], "v1/pull": []}
+    rng = random.Random(job["seed"])
+    edges: list[tuple[int, Syncer]] = []
+    writes = 0
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        stores = []
+        for i, token in job["nodes"]:
+            store = await EdgeStore.open(
+                Path(job["dir"]) / f"e{i}.db", node_id=f"e{i:05d}", region="west"
+            )
+            stores.append(store)
+            link = TimedLink(
+                job["url"], token, node_id=store.node_id, session=http, timings=timings
+            )
+            syncer = Syncer(store, link, subscriptions=subscriptions(i), log_link_state=False)
+            await syncer.learn_config()
+            await syncer.bootstrap()
+            edges.append((i, syncer))
+        shared["ready"].release()
+        await _until(lambda: shared["start"].value > 0)
+        stop_at = shared["start"].value + job["seconds"]
+        stop = asyncio.Event()
+        rounds = [asyncio.create_task(_edge_rounds(s, stop, job["round_s"], rng)) for _, s in edges]
+        tick = 0.1
+        per_tick = job["rate"] * tick
+        carry = 0.0
+        n = 0
+        while time.time() < stop_at:
+            began = time.monotonic()
+            carry += per_tick
+            count, carry = int(carry), carry - int(carry)
+            puts = []
+            for i, syncer in edges:
+                alerts, stock, visits = cells(i)
+                for _ in range(count):
+                    n += 1
+                    roll = rng.random()
+                    if roll < 0.05:
+                        puts.append(syncer.store.put(alerts, "alerts", f"a{n % 50}", {"level": n}))
+                    elif roll < 0.65:
+                        puts.append(syncer.store.put(stock, "stock", f"i{n % 200}", {"qty": n}))
+                    else:
+                        puts.append(syncer.store.put(visits, "visits", f"v{n}", fields(n)))
+            await asyncio.gather(*puts)
+            writes += len(puts)
+            await asyncio.sleep(max(0.0, tick - (time.monotonic() - began)))
+        # Writes stopped: drain, then converge on the head once every worker has drained.
+        await _until(lambda: _all_converged(edges, 0))
+        shared["drained"].release()
+        await _until(lambda: shared["head"].value >= 0)
+        head = shared["head"].value
+        await _until(lambda: _all_converged(edges, head))
+        converged_at = time.time()
+        stop.set()
+        await asyncio.gather(*rounds)
+        # Idle: every edge holds a long-poll watching the interval tiers.
+        sent0 = sum(s.link.bytes_sent + s.link.bytes_received for _, s in edges)
+        polls = await asyncio.gather(
+            *(
+                s.live_pull(Tier.CRITICAL, wait_s=job["idle_wait_s"], watch=[Tier.IMPORTANT])
+                for _, s in edges
+            )
+        )
+        idle_bytes = sum(s.link.bytes_sent + s.link.bytes_received for _, s in edges) - sent0
+        for store in stores:
+            await store.close()
+    return {
+        "writes": writes,
+        "push_s": timings["v1/push"],
+        "pull_s": timings["v1/pull"],
+        "converged_at": converged_at,
+        "idle_exchanges": len(polls),
+        "idle_bytes": idle_bytes,
+    }
+
+
+def _worker(job: dict[str, Any], shared: dict[str, Any], out: Any) -> None:
+    out.put(asyncio.run(_worker_main(job, shared)))
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] * 1000
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--edges", type=int, default=1000)
+    parser.add_argument("--rate", type=float, default=10.0, help="changes/s per edge")
+    parser.add_argument("--seconds", type=float, default=30.0, help="how long edges write")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--round", dest="round_s", type=float, default=1.0)
+    parser.add_argument("--idle-wait", dest="idle_wait_s", type=float, default=5.0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    ctx = multiprocessing.get_context("spawn")
+    async with running_hub(tier_rules=TIER_RULES) as bench:
+        say = (lambda *_: None) if args.json else print
+        say(f"registering {args.edges:,} nodes ...")
+        nodes = [
+            (i, await add_node(bench.pool, "west", f"e{i:05d}", [REGION]))
+            for i in range(args.edges)
+        ]
+        with tempfile.TemporaryDirectory() as tmp:
+            shared = {
+                "ready": ctx.Semaphore(0),
+                "drained": ctx.Semaphore(0),
+                "head": ctx.Value("q", -1),
+                "start": ctx.Value("d", 0.0),
+            }
+            out = ctx.Queue()
+            procs = []
+            for w in range(args.workers):
+                job = {
+                    "nodes": nodes[w :: args.workers],
+                    "dir": tmp,
+                    "url": bench.url,
+                    "rate": args.rate,
+                    "round_s": args.round_s,
+                    "idle_wait_s": args.idle_wait_s,
+                    "seed": w,
+                    "seconds": args.seconds,
+                }
+                procs.append(job)
+            workers = [ctx.Process(target=_worker, args=(j, shared, out)) for j in procs]
+            for p in workers:
+                p.start()
+            say(f"opening {args.edges:,} stores in {args.workers} processes ...")
+            for _ in workers:
+                await _until(lambda: shared["ready"].acquire(block=False))
+            say(f"writing for {args.seconds:g} s ...")
+            start_at = shared["start"].value = time.time()
+            peak_conns = 0
+            drained = 0
+            while drained < len(workers):
+                if shared["drained"].acquire(block=False):
+                    drained += 1
+                    continue
+                conns = await bench.pool.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                )
+                peak_conns = max(peak_conns, conns - 1)
+                await asyncio.sleep(0.5)
+            head = await bench.pool.fetchval("SELECT id FROM feed_head")
+            shared["head"].value = head
+            results = [out.get() for _ in workers]
+            for p in workers:
+                p.join(60)
+        hub_rss = _rss_mb(bench.hub_pid)
+        copy = await raw_copy_rate(bench.dsn, make_changes("copy", 1, 100_000))
+    writes = sum(r["writes"] for r in results)
+    push_s = [t for r in results for t in r["push_s"]]
+    pull_s = [t for r in results for t in r["pull_s"]]
+    converged = max(r["converged_at"] for r in results) - (start_at + args.seconds)
+    idle = sum(r["idle_bytes"] for r in results) / max(1, sum(r["idle_exchanges"] for r in results))
+    result = {
+        "edges": args.edges,
+        "offered_changes_per_s": round(args.edges * args.rate),
+        "written": writes,
+        "hub_changes_per_s": round(head / args.seconds),
+        "push_p50_ms": round(_pct(push_s, 50), 1),
+        "push_p99_ms": round(_pct(push_s, 99), 1),
+        "pull_p50_ms": round(_pct(pull_s, 50), 1),
+        "pull_p99_ms": round(_pct(pull_s, 99), 1),
+        "converged_after_s": round(converged, 1),
+        "hub_peak_rss_mb": round(hub_rss, 1),
+        "pg_connections_peak": peak_conns,
+        "idle_payload_bytes_per_exchange": round(idle),
+        "idle_payload_bytes_per_edge_per_day": round(idle * DAY_S / DEFAULT_LONG_POLL_IDLE_S),
+        "raw_copy_rows_per_s": round(copy),
+    }
+    if args.json:
+        print(json.dumps(result))
+        return
+    for k, v in result.items():
+        print(f"  {k:<30} {v:>12,}" if isinstance(v, int) else f"  {k:<30} {v:>12}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
