@@ -17,7 +17,7 @@ and a :class:`~syncengine.edge.sync.Syncer`, and decides *when* each step runs:
   opening. :meth:`EdgeDaemon.sync_now` forces a tier anyway.
 - **priority**: lower lanes yield between batches to a critical push
   (:class:`~syncengine.edge.sync.PriorityGate`), so a huge archive backlog delays a critical
-  change by at most the one batch already in flight; after the link returns, the first
+  change by at most the batches already in flight (two, pipelined); after the link returns, the first
   critical push runs before any other step.
 - **offline**: the daemon tracks whether the hub is reachable. While it is not, only one
   probe runs, with full-jitter backoff capped at critical's ``retry_interval_s``; steps wait

@@ -158,8 +158,8 @@ class PriorityGate:
 
     A push of lane ``n`` holds :meth:`claim` while it runs; before each batch a push of a
     lower lane (a larger ``n``) waits in :meth:`turn` until no more important lane is
-    claimed. So a critical change waits for at most the one lower batch already in flight,
-    however large the archive backlog. :meth:`announce` holds the lower lanes for a moment
+    claimed. So a critical change waits for at most the lower batches already in flight (two:
+    a push keeps one batch ahead of the one it waits on), however large the archive backlog. :meth:`announce` holds the lower lanes for a moment
     before the push itself starts (the debounce of a critical write), and expires by itself
     so a push that never comes cannot block them for long.
     """
@@ -543,7 +543,7 @@ class Syncer:
                             return pushed
                         batch = found
                         sent = asyncio.ensure_future(self.link.push(batch))
-                    if cap is None and attempt == 0:
+                    if cap is None and attempt == 0 and not self.gate.blocked(lane):
                         nxt = await outbox.next_batch(
                             limit=self.sizer.size, lanes=[lane], after={lane: batch.last_seq}
                         )
