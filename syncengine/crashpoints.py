@@ -31,6 +31,8 @@ CATALOG: Final = frozenset(
         "hub.feed.after_append_before_commit",
         "hub.cache.after_pg_commit_before_redis_set",
         "snapshot.mid_stream",
+        "bootstrap.after_page_before_commit",
+        "bootstrap.after_page_commit",
         "deadletter.after_reject_before_record",
     }
 )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -155,3 +156,23 @@ async def hub_factory(pg_dsn: str, redis_url: str) -> AsyncIterator[HubFactory]:
 async def hub(hub_factory: HubFactory) -> RunningHub:
     """One running west hub with the default tier rules and a counter collection 'stock'."""
     return await hub_factory()
+
+
+# =========================================================================== 4. Fault mode
+# ``pytest --long`` runs the fault tests (tests/fault) at their release figures, as
+# ``make chaos`` does; without it they run at the quick figures CI enforces. The mode is
+# passed through the environment, which tests/fault/harness.py reads when first imported.
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--long",
+        action="store_true",
+        default=False,
+        help="run the fault tests at their release (long) figures, as make chaos does",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--long"):
+        os.environ["SYNCENGINE_FAULT_MODE"] = "long"
