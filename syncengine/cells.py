@@ -8,6 +8,7 @@ home region. Prefixes match on whole segments only: ``west/ng/lagos/clinic-1`` c
 from __future__ import annotations
 
 import re
+import reprlib
 from collections.abc import Iterable
 
 from syncengine.errors import ValidationError
@@ -39,7 +40,7 @@ def _check(value: object, *, what: str, min_depth: int) -> str:
     if not isinstance(value, str):
         raise ValidationError(
             f"{what} must be a string, got {type(value).__name__}",
-            detail={"cell": repr(value)[:80]},
+            detail={"cell": reprlib.repr(value)},  # bounded: may be nested 1,000 deep
         )
     hint = "Use lowercase segments of [a-z0-9_-] separated by '/', e.g. west/ng/lagos/clinic-12."
     if not value or len(value) > MAX_CELL_LENGTH:

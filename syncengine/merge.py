@@ -28,7 +28,8 @@ replicated aggregate needs coordination, which an offline-first system cannot ha
 pruning rule of ``lww`` would make these resolvers order-dependent.
 
 Conflicts: a write can lose information only under ``lww`` and ``hub-wins``. Each change
-carries, per field, the hlc of the value its writer replaced (``base``). A value that is
+carries, per field, the stamp ``(hlc, node)`` of the value its writer replaced (``base``):
+the hlc alone cannot name a version, because two nodes can stamp the same hlc. A value that is
 overwritten by a write whose writer had not seen it, or a write that arrives already beaten,
 is reported as a :class:`Conflict` so the hub can log it (invariant 5).
 """
@@ -38,6 +39,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -55,10 +57,12 @@ __all__ = [
     "MAX_VALUE_DEPTH",
     "RESOLVERS",
     "Applied",
+    "BaseStamp",
     "Change",
     "Conflict",
     "RecordState",
     "apply_change",
+    "base_stamps",
     "document_json",
     "validate_collection",
     "validate_fields",
@@ -76,16 +80,20 @@ _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 # An entry is (value, hlc, node). Tuples, not objects: this is the hot path of every write.
 Entry = tuple[Any, int, str]
 Stamp = tuple[int, str]
+#: What a base names per field: the stamp of the version replaced, or its bare hlc in changes
+#: queued by a store of an older version (compared by hlc alone).
+BaseStamp = Stamp | int
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Change:
     """One write to one record: the fields written, or a delete (``fields is None``).
 
-    ``base`` maps a field to the hlc of the version the writer replaced (absent when the
-    writer saw none); for a delete, the fields the deleter saw. ``lane`` (the tier priority
-    at write time, 0 = critical) and ``seq`` (the writing node's contiguous sequence number
-    in that lane; 0 when not yet assigned) identify the change for exactly-once delivery.
+    ``base`` maps a field to the stamp ``(hlc, node)`` of the version the writer replaced
+    (absent when the writer saw none); for a delete, the fields the deleter saw. ``lane``
+    (the tier priority at write time, 0 = critical) and ``seq`` (the writing node's
+    contiguous sequence number in that lane; 0 when not yet assigned) identify the change
+    for exactly-once delivery.
     """
 
     cell: str
@@ -94,7 +102,7 @@ class Change:
     hlc: int
     node: str
     fields: Mapping[str, Any] | None
-    base: Mapping[str, int] = field(default_factory=dict)
+    base: Mapping[str, BaseStamp] = field(default_factory=dict)
     lane: int = 0
     seq: int = 0
 
@@ -223,14 +231,19 @@ class Applied:
 # -- resolvers: pure functions combining the current entry with an incoming one -----------
 
 
+def _number_order(v: Any) -> tuple[Any, bool, float]:
+    # Equal numbers of different types or signs (1, 1.0; 0.0, -0.0) must pick the same one
+    # everywhere, whatever arrived first: a total order int < -0.0 < +0.0.
+    return (v, isinstance(v, float), math.copysign(1.0, v))
+
+
 def _combine_max(cur: Entry, new: Entry) -> Entry:
-    # Equal numbers of different types (1 and 1.0) must pick the same one everywhere.
-    value = max(cur[0], new[0], key=lambda v: (v, isinstance(v, float)))
+    value = max(cur[0], new[0], key=_number_order)
     return (value, *max(cur[1:], new[1:]))
 
 
 def _combine_min(cur: Entry, new: Entry) -> Entry:
-    value = min(cur[0], new[0], key=lambda v: (v, isinstance(v, float)))
+    value = min(cur[0], new[0], key=_number_order)
     return (value, *max(cur[1:], new[1:]))
 
 
@@ -247,6 +260,21 @@ _AGGREGATES: Final[dict[str, Callable[[Entry, Entry], Entry]]] = {
 }
 
 RESOLVERS: Final = frozenset({"lww", "hub-wins", *_AGGREGATES})
+
+
+def _saw(change: Change, name: str, entry: Entry) -> bool:
+    """Whether the writer of ``change`` had seen ``entry``, the version it replaces."""
+    seen = change.base.get(name)
+    if seen is None:
+        return False
+    if isinstance(seen, int):
+        return seen == entry[1]
+    return seen[0] == entry[1] and seen[1] == entry[2]
+
+
+def base_stamps(raw: Mapping[str, Any]) -> dict[str, BaseStamp]:
+    """A base as msgpack gives it back (stamps as lists), with stamps as tuples."""
+    return {k: v if isinstance(v, int) else (v[0], v[1]) for k, v in raw.items()}
 
 
 def _same_value(a: Any, b: Any) -> bool:
@@ -303,7 +331,7 @@ def apply_change(
             for register in (new.fields, new.hub):
                 for name in [n for n, e in register.items() if (e[1], e[2]) <= stamp]:
                     entry = register.pop(name)
-                    if detect_conflicts and change.base.get(name) != entry[1]:
+                    if detect_conflicts and not _saw(change, name, entry):
                         conflict(name, (None, *stamp), entry, True)
         return Applied(new, conflicts)
 
@@ -329,11 +357,7 @@ def apply_change(
         cur_stamp = (cur[1], cur[2])
         if stamp > cur_stamp:
             register[name] = incoming
-            if (
-                detect_conflicts
-                and change.base.get(name) != cur[1]
-                and not _same_value(cur[0], value)
-            ):
+            if detect_conflicts and not _saw(change, name, cur) and not _same_value(cur[0], value):
                 conflict(name, incoming, cur, False)
         elif stamp < cur_stamp and detect_conflicts and not _same_value(cur[0], value):
             conflict(name, cur, incoming, False)
@@ -358,8 +382,10 @@ _BAD_KEY_CHAR = re.compile("[\x00-\x1f\ud800-\udfff]")
 
 def validate_collection(value: object) -> str:
     if not isinstance(value, str) or not _COLLECTION.match(value):
+        # reprlib: a hostile value may be nested a thousand deep, past repr's recursion limit.
+        shown = repr(value[:80]) if isinstance(value, str) else reprlib.repr(value)
         raise ValidationError(
-            f"collection name {str(value)[:80]!r} is invalid",
+            f"collection name {shown} is invalid",
             hint=f"Use 1..{MAX_COLLECTION_LENGTH} ASCII letters, digits, '_', '.', '-'.",
             code="invalid_collection",
         )
@@ -371,7 +397,7 @@ def validate_key(value: object) -> str:
         raise ValidationError(
             "record key must be a non-empty string",
             code="invalid_key",
-            detail={"key": repr(value)[:80]},
+            detail={"key": reprlib.repr(value)},
         )
     if len(value) > MAX_KEY_LENGTH:
         raise ValidationError(

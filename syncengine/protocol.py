@@ -19,7 +19,9 @@ Pull page (``GET /v1/pull``)::
      changes: [[id_delta, node_i, lane, seq, cell_i, coll_i, key, hlc_delta, fields | nil,
                 base | nil], …]}
 
-``id`` is the change's position in the hub's feed (delta-coded like stamps).
+``id`` is the change's position in the hub's feed (delta-coded like stamps). ``base`` maps
+each field the writer replaced to the stamp ``[hlc, node]`` of the version it saw (a bare
+hlc, as older edges send it, is still accepted).
 
 Decoding validates every field: types, ranges, unknown keys, cell ids, keys, values, and the
 seq arithmetic of a push. Anything wrong raises a typed :class:`InvalidInputError` whose
@@ -30,6 +32,7 @@ exactly that change.
 from __future__ import annotations
 
 import re
+import reprlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -38,7 +41,14 @@ from syncengine.cells import parse_cell
 from syncengine.clock import validate_hlc
 from syncengine.codec import DEFAULT_LIMITS, Limits, compress, decode, decompress, encode
 from syncengine.errors import DecodeError, InvalidInputError, LimitExceededError, SyncError
-from syncengine.merge import Change, validate_collection, validate_fields, validate_key
+from syncengine.merge import (
+    BaseStamp,
+    Change,
+    base_stamps,
+    validate_collection,
+    validate_fields,
+    validate_key,
+)
 
 __all__ = [
     "CURSOR_BEHIND_HORIZON",
@@ -128,7 +138,10 @@ def _bad(message: str, *, code: str = "invalid_value", **detail: Any) -> Invalid
 def _int(obj: Mapping[str, Any], name: str, lo: int, hi: int) -> int:
     value = obj.get(name)
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise _bad(f"{name!r} must be an integer in {lo}..{hi}, got {value!r:.40}", field=name)
+        # reprlib: a hostile value may be nested a thousand deep, past repr's recursion limit.
+        raise _bad(
+            f"{name!r} must be an integer in {lo}..{hi}, got {reprlib.repr(value)}", field=name
+        )
     return value
 
 
@@ -159,8 +172,9 @@ def _only_keys(
 
 def validate_node_id(value: object) -> str:
     if not isinstance(value, str) or not NODE_ID_PATTERN.match(value):
+        shown = repr(value[:80]) if isinstance(value, str) else reprlib.repr(value)
         raise _bad(
-            f"node id {str(value)[:80]!r} is invalid: use 1..64 of [a-z0-9_.-], "
+            f"node id {shown} is invalid: use 1..64 of [a-z0-9_.-], "
             "starting with a letter or digit",
             code="invalid_node_id",
         )
@@ -169,19 +183,30 @@ def validate_node_id(value: object) -> str:
 
 def _index(table: Sequence[str], i: object, what: str, seq: int) -> str:
     if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(table):
-        raise _bad(f"change {seq}: {what} index {i!r:.20} out of range", seq=seq)
+        raise _bad(f"change {seq}: {what} index {reprlib.repr(i)} out of range", seq=seq)
     return table[i]
 
 
-def _base(value: object, seq: int) -> dict[str, int]:
+def _base_stamp(value: object) -> bool:
+    """``[hlc, node]``, or a bare hlc (sent by edges from before bases named the node)."""
+    if isinstance(value, list) and len(value) == 2:
+        hlc, node = value
+        return _base_hlc(hlc) and isinstance(node, str) and 0 < len(node) <= 128
+    return _base_hlc(value)
+
+
+def _base_hlc(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_SEQ
+
+
+def _base(value: object, seq: int) -> dict[str, BaseStamp]:
     if value is None:
         return {}
     if not isinstance(value, dict) or not all(
-        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= _MAX_SEQ
-        for k, v in value.items()
+        isinstance(k, str) and _base_stamp(v) for k, v in value.items()
     ):
         raise _bad(f"change {seq}: base must map field names to stamps", seq=seq)
-    return value
+    return base_stamps(value)
 
 
 def _hlc_chain(prev: int, delta: object, seq: int) -> int:
@@ -252,9 +277,10 @@ def decode_push(
     ``max_changes``.
     """
     msg = _only_keys(obj, _PUSH_KEYS, "push")
-    if msg["v"] != PROTOCOL_VERSION:
+    if type(msg["v"]) is not int or msg["v"] != PROTOCOL_VERSION:  # not true, not 1.0
         raise _bad(
-            f"protocol version {msg['v']!r} is not supported (this hub speaks {PROTOCOL_VERSION})",
+            f"protocol version {reprlib.repr(msg['v'])} is not supported "
+            f"(this hub speaks {PROTOCOL_VERSION})",
             code="unsupported_version",
         )
     node = validate_node_id(msg["node"])

@@ -590,7 +590,7 @@ class EdgeDaemon:
         assert reach is not None
         while True:
             await due.wait()
-            await reach.wait_up()
+            await self._wait_up(step, tier)
             if step == "pull":
                 await self._bootstrapped.wait()
             if tier is not Tier.CRITICAL:
@@ -624,6 +624,27 @@ class EdgeDaemon:
         due = self._due.get(key)  # the live pull has no flag: it loops by itself
         if due is not None:
             due.set()
+
+    async def _wait_up(self, step: Step, tier: Tier) -> None:
+        """Wait until the link is up. Meanwhile a due critical push holds the lower lanes: a
+        lower push already under way (it does not wait for the link between batches) would
+        otherwise send its next batch ahead of it. The hold is renewed twice a second, and
+        once more when the link returns, so that it spans the wait and the debounce before
+        the push claims its lane even on a busy event loop."""
+        reach = self._reach
+        assert reach is not None
+        if step != "push" or tier is not Tier.CRITICAL or reach.state is LinkState.ONLINE:
+            await reach.wait_up()
+            return
+        gate, lane = self.syncer.gate, tier.priority
+        while True:
+            gate.announce(lane, for_s=2.0)
+            try:
+                await asyncio.wait_for(reach.wait_up(), timeout=0.5)
+            except TimeoutError:
+                continue
+            gate.announce(lane, for_s=2.0)
+            return
 
     async def _critical_first(self) -> None:
         reach = self._reach

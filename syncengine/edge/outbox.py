@@ -24,7 +24,7 @@ import msgpack
 
 from syncengine.codec import encode
 from syncengine.errors import SequenceError, ValidationError
-from syncengine.merge import Change
+from syncengine.merge import BaseStamp, Change, base_stamps
 from syncengine.tiers import Tier
 
 if TYPE_CHECKING:
@@ -51,9 +51,9 @@ def encode_payload(change: Change) -> bytes:
     return encode(body)
 
 
-def decode_payload(blob: bytes) -> tuple[dict[str, Any] | None, dict[str, int]]:
+def decode_payload(blob: bytes) -> tuple[dict[str, Any] | None, dict[str, BaseStamp]]:
     raw = msgpack.unpackb(blob, raw=False)
-    return raw["f"], raw.get("b", {})
+    return raw["f"], base_stamps(raw.get("b", {}))
 
 
 def queued_change(node: str, lane: int, row: Sequence[Any]) -> Change:

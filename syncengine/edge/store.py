@@ -57,6 +57,7 @@ from syncengine.errors import (
 from syncengine.merge import (
     DEFAULT_RESOLVER,
     RESOLVERS,
+    BaseStamp,
     Change,
     RecordState,
     apply_change,
@@ -161,6 +162,8 @@ class EdgeStore:
         self.resolvers = dict(resolvers)
         self.max_record_bytes = max_record_bytes
         self._writer = writer
+        #: Why the write connection is closed: its reopen after an I/O error failed too.
+        self._writer_lost: SyncError | None = None
         self._reader = reader
         self._busy_timeout_ms = busy_timeout_ms
         self._queue: asyncio.Queue[_Write | _Job] = asyncio.Queue()
@@ -400,6 +403,7 @@ class EdgeStore:
         if job.future.cancelled():
             return
         try:
+            await self._ensure_writer()
             if job.in_transaction:
                 result = await db.transaction(self._writer, self.path, job.body)
             else:
@@ -417,6 +421,7 @@ class EdgeStore:
         if not live:
             return
         try:
+            await self._ensure_writer()
             stamps = await db.run_transaction(self._writer, self.path, self._write_tx, live)
         except Exception as exc:
             for w in live:
@@ -444,14 +449,32 @@ class EdgeStore:
         reopen the write connection rather than trust it."""
         if not (isinstance(exc, StorageError) and exc.code == "io_error"):
             return
+        if self._writer_lost is not None:
+            return  # the reopen itself failed: the next write tries again
         log.error("I/O error on %s; reopening the write connection", self.path)
         with contextlib.suppress(sqlite3.Error, ValueError):
             await self._writer.close()
+        await self._reopen_writer()
+
+    async def _reopen_writer(self) -> None:
         try:
             self._writer = await db.connect(self.path, busy_timeout_ms=self._busy_timeout_ms)
         except SyncError as again:
-            # Keep serving: the next write retries the reopen through the same path.
+            # Keep serving: each write retries the reopen, and fails with this meanwhile.
+            self._writer_lost = again
             log.error("reopening %s failed: %s", self.path, again)
+        else:
+            self._writer_lost = None
+
+    async def _ensure_writer(self) -> None:
+        """Reopen the write connection when its last reopen failed; raise why it is still
+        closed (a :class:`StorageError`, never "connection closed")."""
+        if self._writer_lost is None:
+            return
+        await self._reopen_writer()
+        lost = self._writer_lost
+        if lost is not None:
+            raise StorageError(lost.message, hint=lost.hint, code=lost.code, detail=lost.detail)
 
     def _fail_queued(self, exc: SyncError) -> None:
         while not self._queue.empty():
@@ -556,7 +579,7 @@ class EdgeStore:
             rk = (w.cell, w.collection, w.key)
             state = states.get(rk)
             hlc = self.clock.now()
-            base: dict[str, int] = {}
+            base: dict[str, BaseStamp] = {}
             if state is not None:
                 names = state.document().keys() if w.fields is None else w.fields.keys()
                 base = dict(_seen(state, names))
@@ -1256,12 +1279,12 @@ def _keys_in(conn: sqlite3.Connection, table: str, keys: Iterable[RecordKey]) ->
     }
 
 
-def _seen(state: RecordState, names: Iterable[str]) -> Iterable[tuple[str, int]]:
-    """The hlc of the visible version of each named field: what a writer now replaces."""
+def _seen(state: RecordState, names: Iterable[str]) -> Iterable[tuple[str, BaseStamp]]:
+    """The stamp of the visible version of each named field: what a writer now replaces."""
     for name in names:
         entry = state.hub.get(name) or state.fields.get(name)
         if entry is not None and (state.tomb is None or (entry[1], entry[2]) > state.tomb):
-            yield name, entry[1]
+            yield name, (entry[1], entry[2])
 
 
 async def _check_integrity(conn: aiosqlite.Connection, path: Path) -> None:

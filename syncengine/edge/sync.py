@@ -194,13 +194,22 @@ class PriorityGate:
 
     @contextlib.asynccontextmanager
     async def claim(self, lane: int) -> AsyncIterator[None]:
-        """Mark a push of ``lane`` as running (it consumes the lane's announcement)."""
+        """Mark a push of ``lane`` as running (it consumes the lane's announcement).
+
+        A push that ends with changes of its lane still to send — announced while it ran,
+        or left behind by a failure — holds the lower lanes as :meth:`announce` does: the
+        lane's next push must not find them sending again (on a slow link the hold of an
+        announcement made during a long push may already have run out)."""
         self._busy[lane] += 1
         self._held_until[lane] = 0.0
+        failed = True
         try:
             yield
+            failed = False
         finally:
             self._busy[lane] -= 1
+            if failed or self._held_until[lane]:
+                self.announce(lane)
             async with self._changed:
                 self._changed.notify_all()
 
@@ -534,6 +543,7 @@ class Syncer:
             try:
                 while True:
                     await self.gate.turn(lane)
+                    pipelined = ahead is not None
                     if ahead is not None:
                         (batch, sent), ahead = ahead, None
                     else:
@@ -555,6 +565,11 @@ class Syncer:
                         # The batch behind it is sent again, in order, once this one passes.
                         await _drop(ahead)
                         ahead = None
+                        if pipelined and exc.code == SequenceError.code:
+                            # Sent before the batch ahead of it was acknowledged, it reached
+                            # the hub first and waited there longer than the hub waits for a
+                            # predecessor (a slow link): send it again, now in order.
+                            continue
                         if is_transient(exc):
                             self.sizer.failure()
                             await self._pause(exc, attempt, "push", tier)

@@ -11,6 +11,7 @@ Routes::
     GET  /v1/status    what `syncengine status` shows (JSON)
     GET  /healthz      the process is up
     GET  /readyz       PostgreSQL answers (503 if not); says "degraded" when Redis is down
+                       or its wake-up subscription is (``wakeups``: long-polls poll)
     GET  /metrics      Prometheus
 
 Every error leaves as ``{error, message, detail}`` (msgpack for sync routes when the client
@@ -73,7 +74,8 @@ MSGPACK: Final = "application/msgpack"
 MAX_WAIT_S: Final = float(MAX_LONG_POLL_S)
 #: The authenticated node of a request.
 _NODE_ID: Final = web.RequestKey("node_id", str)
-#: With Redis down, a long-poll re-reads PostgreSQL this often instead of waiting for pub/sub.
+#: With Redis down or the wake-up subscription not confirmed, a long-poll re-reads
+#: PostgreSQL this often instead of waiting for pub/sub.
 POLL_FALLBACK_S: Final = 1.0
 #: Even with pub/sub healthy, a long-poll re-reads this often, bounding a lost wake-up.
 RECHECK_S: Final = 5.0
@@ -243,10 +245,11 @@ class Hub:
 
     async def _release_long_polls(self, _app: web.Application) -> None:
         self._closing = True
-        self._local_wake(frozenset(self._wake))
+        self._local_wake(None)
 
-    def _local_wake(self, tiers: frozenset[int]) -> None:
-        for t in tiers:
+    def _local_wake(self, tiers: frozenset[int] | None) -> None:
+        """Release the long-polls waiting on ``tiers`` (None: on every tier)."""
+        for t in list(self._wake) if tiers is None else tiers:
             event = self._wake.get(t)
             if event is not None:
                 event.set()
@@ -319,8 +322,10 @@ class Hub:
                 break  # (an edge that hung up gets nothing: no reason to hold its slot)
             after = page.next_cursor
             # Wake on a push (local, or from another process via Redis pub/sub); re-read
-            # PostgreSQL anyway every few seconds, and every second while Redis is down.
-            recheck = POLL_FALLBACK_S if self.cache.degraded else RECHECK_S
+            # PostgreSQL anyway every few seconds, and every second while Redis or the
+            # subscription is down (the cache wakes us when either changes).
+            polling = self.cache.degraded or not self.cache.subscribed
+            recheck = POLL_FALLBACK_S if polling else RECHECK_S
             await _wait_any(events, min(remaining, recheck))
         if watch or "tag" in q:
             page = dataclasses.replace(
@@ -468,11 +473,13 @@ class Hub:
         if self.cache.configured:
             await self.cache.ping()  # through the breaker: at most one probe per cooldown
         cache = "degraded" if self.cache.degraded else "ok"
+        wakeups = "ok" if self.cache.subscribed else "degraded"
         return web.json_response(
             {
-                "status": "degraded" if self.cache.degraded else "ok",
+                "status": "ok" if cache == wakeups == "ok" else "degraded",
                 "database": "ok",
                 "cache": cache,
+                "wakeups": wakeups,  # degraded: long-polls poll PostgreSQL every second
             }
         )
 
@@ -497,6 +504,7 @@ class Hub:
             "conflicts": conflicts,
             "cache": {
                 "state": "degraded" if self.cache.degraded else "ok",
+                "wakeups": "ok" if self.cache.subscribed else "degraded",
                 "configured": self.cache.configured,
                 "hits": self.cache.hits,
                 "misses": self.cache.misses,

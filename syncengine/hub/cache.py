@@ -6,7 +6,12 @@ one call probes Redis again. A frozen Redis (SIGSTOP) therefore costs one timeou
 per request, and a restarted Redis is picked up without restarting the hub.
 
 Pub/sub carries long-poll wake-ups between hub processes ("a push to tier T committed").
-Losing one only delays a long-poll until its periodic re-read of PostgreSQL.
+Losing one only delays a long-poll until its periodic re-read of PostgreSQL. While the
+subscription is not confirmed by Redis (``subscribed`` is False) wake-ups may be missed, so
+long-polls re-read often; each time it is lost or confirmed again, every long-poll is woken
+(``on_wakeup(None)``) to re-read at once and pick its re-read interval anew. A hub skips
+publishing while its breaker is open, so when the breaker closes it publishes a wake-up for
+every tier (``*``): the other hubs' long-polls re-read what it did not announce.
 
 The recent tail of the change feed is kept for pulls: one sorted-set member per applied
 push batch (score = its first feed id), namespaced by the feed's epoch. Feed entries never
@@ -44,6 +49,11 @@ FEED_TAIL_IDS: Final = 200_000
 MAX_BATCH_IDS: Final = 10_000
 #: Batches fetched per Redis round trip while filling a page.
 _CHUNK: Final = 8
+#: The wake-up listener's reconnect backoff: from the first, doubling, to the last; back
+#: to the first once Redis confirms the subscription.
+LISTEN_RETRY_S: Final = (0.1, 1.0)
+#: The wake-up payload for every tier (others are comma-separated tier priorities).
+_EVERY_TIER: Final = "*"
 
 FeedRow = list[Any]  # [id, tier, cell, collection, key, node_id, lane, seq, hlc, fields, base]
 
@@ -74,10 +84,13 @@ class Cache:
         self.cooldown_s = cooldown_s
         self.hits = 0
         self.misses = 0
-        self.on_wakeup: Callable[[frozenset[int]], None] | None = None
+        #: Called with the tiers of a wake-up from another process, or with None: "wake
+        #: every long-poll" (the subscription was lost or confirmed, or Redis failed).
+        self.on_wakeup: Callable[[frozenset[int] | None], None] | None = None
         self._redis: aioredis.Redis | None = None
         self._open_until = 0.0  # breaker open (degraded) until this monotonic time
         self._failing = url is None
+        self._subscribed = False
         self._listener: asyncio.Task[None] | None = None
         self._channel = f"{namespace}:wake"
 
@@ -89,6 +102,23 @@ class Cache:
     def degraded(self) -> bool:
         """True while Redis is unusable (or not configured)."""
         return self._failing
+
+    @property
+    def subscribed(self) -> bool:
+        """True while Redis has confirmed the wake-up subscription: wake-ups from other
+        processes arrive. False otherwise (and without Redis): long-polls must poll."""
+        return self._subscribed
+
+    def _wake_all(self) -> None:
+        if self.on_wakeup is not None:
+            self.on_wakeup(None)
+
+    def _set_subscribed(self, subscribed: bool) -> None:
+        if subscribed != self._subscribed:
+            self._subscribed = subscribed
+            if not subscribed:
+                log.warning("Redis wake-up subscription lost; long-polls poll PostgreSQL")
+            self._wake_all()
 
     async def start(self) -> None:
         if self.url is None:
@@ -113,6 +143,7 @@ class Cache:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
             self._listener = None
+            self._subscribed = False
         if self._redis is not None:
             with contextlib.suppress(RedisError, OSError):
                 await self._redis.aclose()
@@ -128,16 +159,22 @@ class Cache:
         try:
             result = await asyncio.wait_for(op(self._redis), timeout=self.timeout_s * 2)
         except (RedisError, OSError, TimeoutError) as exc:
+            # A restarted Redis leaves every idle pooled connection dead: drop them, or each
+            # probe would fail on the next one and keep the breaker open a cooldown longer.
+            with contextlib.suppress(RedisError, OSError):
+                await self._redis.connection_pool.disconnect(inuse_connections=False)
+            self._open_until = time.monotonic() + self.cooldown_s
             if not self._failing:
                 log.warning(
                     "Redis unusable (%s: %s); serving from PostgreSQL", type(exc).__name__, exc
                 )
-            self._failing = True
-            self._open_until = time.monotonic() + self.cooldown_s
+                self._failing = True
+                self._wake_all()  # long-polls waiting at the healthy interval switch to polling
             return None
         if self._failing:
             log.info("Redis is back; cache enabled")
             self._failing = False
+            await self._call(lambda r: r.publish(self._channel, _EVERY_TIER))
         return result
 
     def _feed_key(self, epoch: str) -> str:
@@ -219,26 +256,38 @@ class Cache:
         return await self._call(lambda r: r.ping()) is not None
 
     async def _listen(self) -> None:
-        """Deliver wake-ups from other hub processes; reconnect with backoff, quietly."""
+        """Deliver wake-ups from other hub processes; reconnect quickly, with a short bounded
+        backoff. ``subscribed`` follows Redis's confirmation of the subscription."""
         assert self._redis is not None
-        delay = 0.5
+        first, most = LISTEN_RETRY_S
+        delay = first
         while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._redis.pubsub()
             try:
                 await pubsub.subscribe(self._channel)
-                delay = 0.5
                 while True:
                     msg = await pubsub.get_message(timeout=1.0)
                     if msg is None:
+                        if self._failing:
+                            await self.ping()  # close the breaker without waiting for traffic
+                        continue
+                    if msg["type"] == "subscribe":
+                        delay = first
+                        self._set_subscribed(True)  # a wake-up may have been missed before
+                        continue
+                    if msg["type"] != "message":
                         continue
                     data = msg.get("data")
                     text = data.decode() if isinstance(data, bytes) else str(data)
                     tiers = frozenset(int(t) for t in text.split(",") if t.isdigit())
-                    if self.on_wakeup is not None and tiers:
+                    if text == _EVERY_TIER:
+                        self._wake_all()
+                    elif self.on_wakeup is not None and tiers:
                         self.on_wakeup(tiers)
             except (RedisError, OSError, TimeoutError):
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                self._set_subscribed(False)
             finally:
                 with contextlib.suppress(RedisError, OSError, TimeoutError):
                     await asyncio.wait_for(pubsub.aclose(), timeout=1.0)  # type: ignore[no-untyped-call]
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, most)

@@ -25,7 +25,7 @@ from syncengine.clock import HybridClock
 from syncengine.errors import SequenceError
 from syncengine.hub.cache import Cache
 from syncengine.hub.db import translated
-from syncengine.merge import Change
+from syncengine.merge import Change, base_stamps
 from syncengine.protocol import CURSOR_BEHIND_HORIZON, PullPage
 
 __all__ = ["feed_head", "read_page", "rows_to_changes"]
@@ -89,7 +89,9 @@ def rows_to_changes(rows: list[Any]) -> tuple[list[int], list[Change]]:
                 hlc=r["hlc"],
                 node=r["node_id"],
                 fields=None if r["fields"] is None else msgpack.unpackb(r["fields"], raw=False),
-                base={} if r["base"] is None else msgpack.unpackb(r["base"], raw=False),
+                base={}
+                if r["base"] is None
+                else base_stamps(msgpack.unpackb(r["base"], raw=False)),
                 lane=r["lane"],
                 seq=r["seq"],
             )

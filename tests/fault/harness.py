@@ -138,9 +138,7 @@ class Summary:
         return {n: v for n, v in self.counts.items() if n in names and v}
 
     def uncovered(self) -> list[str]:
-        return sorted(
-            k for k, n in self.coverage.items() if n < self.needs.get(k, self.min_hits)
-        )
+        return sorted(k for k, n in self.coverage.items() if n < self.needs.get(k, self.min_hits))
 
     def line(self, *, control: bool = False) -> dict[str, Any]:
         return {

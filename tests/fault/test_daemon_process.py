@@ -9,7 +9,6 @@ The soak runs ``SYNCENGINE_SOAK_S`` seconds (default 120 in CI; the issue's figu
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import socket
@@ -25,6 +24,7 @@ from typing import Any
 import psutil
 import pytest
 
+from fault.common import Daemon, write_edge_config
 from support.proxy import ProxyFactory
 from syncengine.edge.link import HubLink
 from syncengine.edge.store import EdgeStore
@@ -46,88 +46,25 @@ SOAK_S = float(os.environ.get("SYNCENGINE_SOAK_S", "120"))
 
 
 def write_config(tmp_path: Path, url: str, token: str, node: str = "n1", **extra: str) -> Path:
-    token_file = tmp_path / f"{node}.token"
-    token_file.write_text(token + "\n")
-    rules = ", ".join(f'{{ prefix = "{r["prefix"]}", tier = "{r["tier"]}" }}' for r in RULES)
-    lines = [
-        f'node_id = "{node}"',
-        'region = "west"',
-        f'db = "{tmp_path / (node + ".db")}"',
-        f'hub_url = "{url}"',
-        f'token_file = "{token_file}"',
-        f'subscriptions = ["{CELL}"]',
-        f"tier_rules = [{rules}]",
-        'resolvers = { stock = "counter" }',
-        "",
-        "[tier_policies.important]",
-        "push_interval_s = 2",
-        "pull_interval_s = 2",
-        "[tier_policies.critical]",
-        "retry_interval_s = 2",
-    ]
-    lines += [f"{k} = {v}" for k, v in extra.items()]
-    path = tmp_path / f"{node}.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-class Daemon:
-    """One ``syncengine edge run`` child; its stderr is kept (JSON log lines)."""
-
-    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
-        self.config = config
-        self.env = {**os.environ, **(env or {})}
-        self.proc: asyncio.subprocess.Process | None = None
-        self.lines: list[str] = []
-        self._reader: asyncio.Task[None] | None = None
-
-    async def start(self) -> Daemon:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "syncengine",
-            "edge",
-            "run",
-            "--config",
-            str(self.config),
-            "--log-format",
-            "json",
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            env=self.env,
-        )
-        self._reader = asyncio.create_task(self._read())
-        return self
-
-    async def _read(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
-        async for raw in self.proc.stderr:
-            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
-
-    def events(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.lines if line.startswith("{")]
-
-    def said(self, text: str) -> int:
-        return sum(text in e.get("message", "") for e in self.events())
-
-    async def wait_said(self, text: str, timeout: float = 15) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.said(text):
-            if self.proc is not None and self.proc.returncode is not None:
-                raise AssertionError(f"daemon exited {self.proc.returncode}: {self.lines[-20:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"daemon never said {text!r}: {self.lines[-20:]}")
-            await asyncio.sleep(0.05)
-
-    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
-        assert self.proc is not None
-        if self.proc.returncode is None:
-            self.proc.send_signal(sig)
-        code = await asyncio.wait_for(self.proc.wait(), timeout)
-        if self._reader is not None:
-            await self._reader
-        return code
+    return write_edge_config(
+        tmp_path / f"{node}.toml",
+        node=node,
+        db=tmp_path / (node + ".db"),
+        url=url,
+        token=token,
+        subscriptions=[CELL],
+        rules=RULES,
+        more=[
+            'resolvers = { stock = "counter" }',
+            "",
+            "[tier_policies.important]",
+            "push_interval_s = 2",
+            "pull_interval_s = 2",
+            "[tier_policies.critical]",
+            "retry_interval_s = 2",
+            *(f"{k} = {v}" for k, v in extra.items()),
+        ],
+    )
 
 
 @asynccontextmanager

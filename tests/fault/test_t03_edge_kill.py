@@ -302,7 +302,7 @@ async def test_t3_kill_minus_9_of_a_syncing_edge_loses_nothing(tmp_path: Path, h
         extra_violations=("orphan_records", "integrity_failures"),
         min_hits=pick(1, 20),
     )
-    loop = await run_loop(tmp_path, hub, summary, pick(80, 2000), dict(_env()), bootstrap_every=10)
+    loop = await run_loop(tmp_path, hub, summary, pick(60, 2000), dict(_env()), bootstrap_every=10)
     summary.cover([*WRITE_POINTS, *BOOTSTRAP_POINTS], crashpoint_hits(loop.log))
     assert summary.acknowledged > 1000, "the child barely wrote anything: the test saw nothing"
     summary.finish()

@@ -27,7 +27,6 @@ import asyncio
 import itertools
 import os
 import random
-import sqlite3
 import sys
 import time
 from collections import Counter
@@ -36,6 +35,7 @@ from typing import Any
 
 import pytest
 
+from fault.common import sqlite_rows
 from fault.edge_proc import Child
 from fault.harness import SEED, Summary, pick
 
@@ -99,14 +99,6 @@ def faketime(offset_s: int) -> tuple[str, ...]:
     return (sys.executable, str(SKEWED), str(offset_s))
 
 
-def edge_rows(db: Path, sql: str) -> list[tuple[Any, ...]]:
-    conn = sqlite3.connect(db)
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
-
-
 class Skewed:
     """One skewed node: every stamp ``put`` returned, per run, and the real time it ran."""
 
@@ -150,7 +142,7 @@ async def run_node(
         await asyncio.wait_for(child.done.wait(), 60)
         db = Path(config["db"])
         deadline = time.monotonic() + 60
-        while edge_rows(db, "SELECT 1 FROM outbox LIMIT 1") and time.monotonic() < deadline:
+        while sqlite_rows(db, "SELECT 1 FROM outbox LIMIT 1") and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
         await child.kill()
         node.runs.append(dict(child.stamps))
@@ -167,7 +159,7 @@ async def honest_writes(hub: Any, tmp_path: Path, shared: int) -> dict[str, Any]
     child = await Child.start(config, "shared", 200, _child_env(EDGE_CHILD_LIMIT=str(shared)))
     await asyncio.wait_for(child.done.wait(), 60)
     deadline = time.monotonic() + 60
-    while edge_rows(Path(config["db"]), "SELECT 1 FROM outbox LIMIT 1"):
+    while sqlite_rows(Path(config["db"]), "SELECT 1 FROM outbox LIMIT 1"):
         assert time.monotonic() < deadline, "the honest node did not push within 60 s"
         await asyncio.sleep(0.1)
     await child.kill()
@@ -197,7 +189,7 @@ async def run_scenario(
         at_hub = {
             r["key"] for r in await pool.fetch("SELECT key FROM feed WHERE node_id = $1", node.name)
         }
-        dead = dict(edge_rows(db, "SELECT key, code FROM dead_letters"))
+        dead = dict(sqlite_rows(db, "SELECT key, code FROM dead_letters"))
         for key, hlc in stamps.items():
             # The hub judged the stamp between the node's start and end (real time).
             least_ahead_s = (ms_of(hlc) - node.ended_ms) / 1000
@@ -225,7 +217,7 @@ async def run_scenario(
     limit_ms = int(time.time() * 1000) + DRIFT_S * 1000
     feed_max = await pool.fetchval("SELECT coalesce(max(hlc), 0) FROM feed")
     honest_clock = int(
-        edge_rows(Path(honest["db"]), "SELECT value FROM meta WHERE key = 'hlc'")[0][0]
+        sqlite_rows(Path(honest["db"]), "SELECT value FROM meta WHERE key = 'hlc'")[0][0]
     )
     counts["poisoned"] = sum(ms_of(s) > limit_ms for s in (feed_max, honest_clock))
     # A slow node's accepted shared write either won or is in the conflict log as the loser.

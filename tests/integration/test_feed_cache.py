@@ -3,14 +3,19 @@
 Pages served with the cache must equal pages read from PostgreSQL alone, for random tiers,
 prefixes, cursors and limits — also when a batch never reached the cache (the crash
 between PostgreSQL commit and Redis write) and after Redis was flushed.
+
+Redis pub/sub wakes long-polls across hubs; losing it (killed connections, a stopped or
+restarted Redis) must cost a long-poll about a second, not the healthy re-read interval.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 
 import aiohttp
+import msgpack
 import pytest
 
 from syncengine.codec import encode
@@ -78,3 +83,117 @@ async def test_cached_pages_equal_postgres_pages(hub, redis_server, monkeypatch)
     # A flushed cache (or one restarted empty) is only slower.
     redis_server.flushall()
     await compare_pages(hub, cache, rng, rounds=50)
+
+
+#: How soon a long-poll on hub B must answer a push to hub A: the 1 s polling interval
+#: used while pub/sub is down, plus slack for a loaded machine.
+WAKE_BOUND_S = 1.5
+
+
+async def test_cross_hub_long_poll_wakes_soon_after_pubsub_loss(hub_factory, redis_server) -> None:  # type: ignore[no-untyped-def]
+    """A long-poll on hub B answers a push to hub A within ~1 s when B's pub/sub
+    connection was just killed (the wake-up is published while B resubscribes), while Redis
+    is stopped (the long-poll was waiting at the healthy 5 s interval when it stopped), and
+    after a restart (B resubscribes at once: no long backoff). B's ``/readyz`` says its
+    wake-ups are degraded while Redis is down and ok within 2 s of its return."""
+    a, b = await hub_factory(), await hub_factory()
+    tokens = {n: await a.add_node(n, "west") for n in ("w", "t")}
+    seq = 0
+
+    async def command(*args: str) -> None:
+        await asyncio.to_thread(redis_server.command, *args)
+
+    async with aiohttp.ClientSession() as http:
+
+        async def wakeups(hub) -> str:  # type: ignore[no-untyped-def]
+            async with http.get(f"{hub.url}/readyz") as resp:
+                return str((await resp.json()).get("wakeups"))
+
+        async def until_wakeups(hub, want: str, bound_s: float) -> float:  # type: ignore[no-untyped-def]
+            start = time.monotonic()
+            while (state := await wakeups(hub)) != want:
+                assert time.monotonic() - start < bound_s, (
+                    f"hub B's /readyz says wakeups={state!r}, not {want!r}, {bound_s} s on"
+                )
+                await asyncio.sleep(0.05)
+            return time.monotonic() - start
+
+        async def push() -> float:
+            nonlocal seq
+            seq += 1
+            now = (time.time_ns() // 1_000_000) << 16
+            batch = PushBatch(
+                node="w",
+                lane=2,
+                first_seq=seq,
+                last_seq=seq,
+                changes=[
+                    Change(
+                        cell=CELLS[0],
+                        collection="c",
+                        key=f"k{seq}",
+                        hlc=now,
+                        node="w",
+                        fields={"v": seq},
+                        lane=2,
+                        seq=seq,
+                    )
+                ],
+            )
+            async with http.post(
+                f"{a.url}/v1/push",
+                data=encode(encode_push(batch)),
+                headers={"Authorization": f"Bearer {tokens['w']}"},
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+            return time.monotonic()
+
+        async def long_poll(after: int) -> tuple[float, int]:
+            params: dict[str, str | int] = {
+                "tier": "standard",
+                "prefix": "west",
+                "after": after,
+                "wait": 20,
+            }
+            async with http.get(
+                f"{b.url}/v1/pull",
+                params=params,
+                headers={"Authorization": f"Bearer {tokens['t']}"},
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+                body = msgpack.unpackb(await resp.read(), raw=False)
+            return time.monotonic(), len(body["changes"])
+
+        async def wake_delay(what: str) -> float:
+            """Seconds from a push to hub A until hub B's waiting long-poll answered."""
+            head = await b.hub.pool.fetchval("SELECT id FROM feed_head")
+            poll = asyncio.create_task(long_poll(head))
+            await asyncio.sleep(0.5)  # the long-poll is waiting on hub B
+            assert not poll.done(), f"{what}: the long-poll answered before any push"
+            if what == "pubsub killed":
+                await command("CLIENT", "KILL", "TYPE", "pubsub")
+            elif what == "redis stopped":
+                await asyncio.to_thread(redis_server.stop)
+            pushed = await push()
+            answered, changes = await asyncio.wait_for(poll, timeout=20)
+            assert changes == 1, f"{what}: the long-poll answered {changes} changes, not 1"
+            delay = answered - pushed
+            assert delay < WAKE_BOUND_S, (
+                f"{what}: hub B's long-poll answered {delay:.2f} s after the push to hub A "
+                f"(bound {WAKE_BOUND_S} s)"
+            )
+            return delay
+
+        try:
+            await until_wakeups(b, "ok", 2)
+            await wake_delay("healthy")
+            for _ in range(3):
+                await wake_delay("pubsub killed")
+            await wake_delay("redis stopped")
+            await until_wakeups(b, "degraded", 2)
+            await asyncio.sleep(3)  # long enough for a growing backoff to reach seconds
+            await asyncio.to_thread(redis_server.start)
+            await until_wakeups(b, "ok", 2)
+            await wake_delay("redis restarted")
+        finally:
+            redis_server.ensure_running()

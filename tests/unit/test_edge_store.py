@@ -89,7 +89,8 @@ async def test_one_outbox_row_per_write_in_tier_lanes(tmp_path: Path) -> None:
         assert [c.seq for c in batch.changes] == [1, 2]
         assert (batch.first_seq, batch.last_seq, batch.skipped) == (1, 2, [])
         # The second change replaced a value it had seen: its base names that version.
-        assert batch.changes[1].base == {"level": batch.changes[0].hlc}
+        first = batch.changes[0]
+        assert batch.changes[1].base == {"level": (first.hlc, first.node)}
         assert await store.outbox.ack(0, 2) == 2
         batch = await store.outbox.next_batch()
         assert batch is not None and batch.tier is Tier.IMPORTANT and batch.changes[0].is_delete
