@@ -1,9 +1,10 @@
 """T7: the network fault matrix (invariants 1-3 and liveness, RELIABILITY.md §2).
 
 Ten edges (fifty in long mode), each the real edge daemon (:class:`EdgeDaemon` with its
-SQLite store, in this event loop), reach one real hub through a fault proxy of their own
-running a link profile (2g, 3g, flaky, offline: :mod:`fault.profiles`), and the hub reaches
-PostgreSQL through one more proxy (on a thread of its own). The edges write unique values to
+SQLite store, in this event loop), reach one real hub process (``syncengine hub run``,
+:class:`fault.cluster.HubCluster`) through a fault proxy of their own running a link profile
+(2g, 3g, flaky, offline: :mod:`fault.profiles`), and the hub reaches PostgreSQL through one
+more proxy (on a thread of this process). The edges write unique values to
 a critical, an important and a standard cell of their group (quick mode: one group of ten;
 long mode: ten groups of five) and subscribe to the group's cells, with bursts of standard
 changes that fill a thin link (and the hub's batch cap of :data:`MAX_BATCH`), while a seeded
@@ -25,7 +26,7 @@ proves:
   2 x the slowest tier's interval after the heal (time to converge p50/p99 reported);
 - **bounded calls**: no HTTP call of an edge took longer than its timeout + 1 s (each call's
   duration is recorded by wrapping the link), beyond the event loop's own lateness at the
-  time, which a ticker measures (the edges, the hub and the proxies share one loop);
+  time, which a ticker measures (the edges and their proxies share one loop);
 - **tier priority**: no important or standard batch left an edge while a critical change
   of that edge had been waiting (written, not yet acknowledged) for longer than
   :data:`GRACE_S` (the batches already in flight when it was written are allowed: they
@@ -75,6 +76,7 @@ import asyncpg
 import msgpack
 import pytest
 
+from fault.cluster import HubCluster
 from fault.common import percentile
 from fault.harness import MODE, SEED, Summary, pick
 from fault.profiles import (
@@ -177,6 +179,8 @@ TIMER_SLACK_S: Final = 0.05
 #: inversion: the edge learns of the write at its commit, and a lower batch whose turn was
 #: granted just before may still be on its way out (one SQLite read).
 GRACE_S: Final = 0.3
+#: The negative control repeats its short run until it sees a loss, at most this often.
+CONTROL_ATTEMPTS: Final = 3
 
 VIOLATIONS: Final = (
     "priority_inversions",
@@ -336,7 +340,7 @@ class Servers:
     """What a scenario starts its cluster with: the fixtures' factories, the database
     behind its COMMIT-aware proxy, and the test's folder."""
 
-    hub_factory: Callable[..., Awaitable[Any]]
+    redis_url: str
     fault_proxy: ProxyFactory
     pg: ThreadedPgProxy
     pg_dsn: str
@@ -352,20 +356,32 @@ async def start_cluster(
     profiles: Sequence[LinkProfile],
     rng: random.Random,
     broken: bool = False,
+    attempt: int = 0,
 ) -> Run:
     """A hub reaching PostgreSQL through ``servers.pg``, and ``n_edges`` running daemons,
     each behind a proxy of its own (not shaped yet); returns once every edge is online and
     bootstrapped."""
     dsn = urlsplit(servers.pg_dsn)
     proxied = dsn._replace(netloc=f"{dsn.username}@127.0.0.1:{servers.pg.port}").geturl()
-    hub = await servers.hub_factory(
-        database_url=proxied, tier_rules=TIER_RULES, max_batch_changes=MAX_BATCH
+    cluster = await stack.enter_async_context(
+        HubCluster(
+            servers.tmp_path,
+            database_url=proxied,
+            redis_url=servers.redis_url,
+            count=1,
+            settings={
+                "tier_rules": TIER_RULES,
+                "resolvers": {"stock": "counter"},
+                "max_batch_changes": MAX_BATCH,
+            },
+        )
     )
-    host, port = hub.url.removeprefix("http://").rsplit(":", 1)
+    host, port = cluster.hubs[0].url.removeprefix("http://").rsplit(":", 1)
     run = Run(edges=[], pg=servers.pg, pg_dsn=servers.pg_dsn)
     for i in range(n_edges):
-        node, group = f"t7-e{i:02d}", i % n_groups
-        token = await hub.add_node(node, CELL)
+        # A repeated attempt on the same database gets nodes and cells of its own.
+        node, group = f"t7-a{attempt}-e{i:02d}", attempt * n_groups + i % n_groups
+        token = await cluster.add_node(node, CELL)
         proxy = await servers.fault_proxy(host, int(port), seed=rng.randrange(1 << 32))
         profile = profiles[i % len(profiles)]
         shaped = ShapedLink(proxy, profile, random.Random(rng.randrange(1 << 32)))
@@ -683,6 +699,9 @@ async def check(run: Run) -> Verdict:
             examples[name].append(example)
 
     # Exactly once: each acknowledged write in the feed once, its value in records.
+    # Only this run's nodes: a repeated attempt shares the database with earlier ones.
+    nodes = {e.node for e in run.edges}
+    feed = [r for r in feed if r["node_id"] in nodes]
     in_feed = Counter((r["node_id"], r["key"]) for r in feed)
     landed = {(r["node_id"], r["lane"], r["seq"]): float(r["at"]) for r in feed}
     acked = {(w.node, w.key): w for e in run.edges for w in e.writes}
@@ -730,7 +749,7 @@ async def check(run: Run) -> Verdict:
         if over <= 0:
             continue
         # The timer that ends a call fires late when the loop is late: that is this test
-        # process being busy (ten edges, the hub and the proxies share it), not a hang.
+        # process being busy (the edges and their proxies share it), not a hang.
         lag = max((late for at, late in run.lags if c.end - 2 <= at <= c.end + 0.3), default=0)
         if over <= lag + TIMER_SLACK_S:
             late_by_loop += 1
@@ -942,6 +961,7 @@ async def scenario(
     profiles: Sequence[LinkProfile],
     settle_limit_s: float,
     broken: bool = False,
+    attempt: int = 0,
 ) -> Run:
     """Start the cluster, write under the profiles and the nemesis for ``fault_s``, heal,
     stop writing and wait for the system to settle."""
@@ -954,6 +974,7 @@ async def scenario(
         profiles=profiles,
         rng=rng,
         broken=broken,
+        attempt=attempt,
     )
     plan = plan_faults(random.Random(rng.random()), fault_s, kinds)
     stop = asyncio.Event()
@@ -996,8 +1017,8 @@ async def scenario(
 
 @pytest.fixture
 async def pg_proxy(pg_dsn: str) -> AsyncIterator[ThreadedPgProxy]:
-    """The test database behind a COMMIT-aware fault proxy. Tests request it before
-    ``hub_factory``, so that it closes after the hub that talks through it."""
+    """The test database behind a COMMIT-aware fault proxy. The scenario's exit stack
+    stops the hub process that talks through it before this fixture closes it."""
     dsn = urlsplit(pg_dsn)
     assert dsn.hostname is not None and dsn.port is not None
     proxy = ThreadedPgProxy(target_host=dsn.hostname, target_port=dsn.port, seed=SEED)
@@ -1008,13 +1029,13 @@ async def pg_proxy(pg_dsn: str) -> AsyncIterator[ThreadedPgProxy]:
 @pytest.fixture
 def servers(
     pg_proxy: ThreadedPgProxy,
-    hub_factory: Any,
+    redis_url: str,
     fault_proxy: ProxyFactory,
     pg_dsn: str,
     tmp_path: Path,
 ) -> Servers:
     """The scenario's :class:`Servers` (``pg_proxy`` first: it closes after the hub)."""
-    return Servers(hub_factory, fault_proxy, pg_proxy, pg_dsn, tmp_path)
+    return Servers(redis_url, fault_proxy, pg_proxy, pg_dsn, tmp_path)
 
 
 async def test_t07_network_fault_matrix(servers: Servers) -> None:
@@ -1053,23 +1074,35 @@ async def test_t07_control_outbox_deleted_on_send_loses_writes(servers: Servers)
     hub acknowledged it, must lose acknowledged writes under RSTs and dropped responses:
     otherwise the check above could not see the bug it guards against."""
     summary = Summary(test="T7", name="control: outbox rows deleted on send")
-    async with AsyncExitStack() as stack:
-        run = await scenario(
-            stack,
-            servers,
-            n_edges=2,
-            n_groups=1,
-            fault_s=15.0,
-            # RSTs in the middle of a request are what lose the rows of a torn push here
-            # (a dropped response landed): twice as many of them.
-            kinds=("rst_mid_request", "rst_mid_request", "drop_response"),
-            profiles=(PROFILES["3g"], PROFILES["flaky"]),
-            settle_limit_s=10.0,
-            broken=True,
-        )
-        verdict = await check(run)
-    summary.acknowledged = sum(len(e.writes) for e in run.edges)
-    summary.cases = sum(verdict.figures["faults"].values())
-    summary.counts = verdict.counts
-    summary.figures = {k: verdict.figures[k] for k in ("faults", "pushes_failed", "retries")}
+    # A loss needs an RST to tear a push whose rows were already deleted; on a loaded
+    # machine a 15 s window can miss that. Each attempt is a fresh cluster and database
+    # prefix (node names differ), and the control stops at the first loss it sees.
+    acknowledged = cases = 0
+    counts: Counter[str] = Counter()
+    for attempt in range(CONTROL_ATTEMPTS):
+        async with AsyncExitStack() as stack:
+            run = await scenario(
+                stack,
+                servers,
+                n_edges=2,
+                n_groups=1,
+                fault_s=15.0,
+                # RSTs in the middle of a request are what lose the rows of a torn push
+                # here (a dropped response landed): twice as many of them.
+                kinds=("rst_mid_request", "rst_mid_request", "drop_response"),
+                profiles=(PROFILES["3g"], PROFILES["flaky"]),
+                settle_limit_s=10.0,
+                broken=True,
+                attempt=attempt,
+            )
+            verdict = await check(run)
+        acknowledged += sum(len(e.writes) for e in run.edges)
+        cases += sum(verdict.figures["faults"].values())
+        counts.update(verdict.counts)
+        if verdict.counts.get("lost"):
+            break
+    summary.acknowledged = acknowledged
+    summary.cases = cases
+    summary.counts = dict(counts)
+    summary.figures = {"attempts": attempt + 1}
     summary.control("lost")
