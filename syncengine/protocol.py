@@ -426,9 +426,16 @@ def decode_pull_page(obj: object) -> PullPage:
     """Validate a pull page from the hub. The hub is trusted less than fully: a page that
     does not parse is refused whole, so the cursor never moves past unapplied changes."""
     msg = _only_keys(obj, _PULL_KEYS | _PULL_OPTIONAL, "pull page", optional=_PULL_OPTIONAL)
+    if type(msg["v"]) is not int or msg["v"] != PROTOCOL_VERSION:
+        raise InvalidInputError(
+            f"the hub answered with protocol version {reprlib.repr(msg['v'])}; this edge "
+            f"speaks {PROTOCOL_VERSION}",
+            hint="Run the same syncengine release on the hub and the edges (hubs first).",
+            code="unsupported_version",
+        )
     cells = _str_table(msg, "cells", parse_cell)
     colls = _str_table(msg, "colls", validate_collection)
-    nodes = _str_table(msg, "nodes", lambda n: n if isinstance(n, str) and n else _bad("bad node"))
+    nodes = _str_table(msg, "nodes", validate_node_id)
     rows = msg["changes"]
     if not isinstance(rows, list):
         raise _bad("'changes' must be a list")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import sqlite3
 import time
@@ -75,6 +76,61 @@ def translate(exc: sqlite3.Error, path: Path) -> SyncError:
     return StorageError(f"SQLite error on {path}: {text}", detail=detail)
 
 
+def read_only_filesystem(folder: Path) -> bool:
+    """Whether the filesystem holding ``folder`` is mounted read-only now (Linux turns a
+    failing ext4 read-only under its open files: ``errors=remount-ro``)."""
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+class _CommitFailed(Exception):
+    """COMMIT itself failed (BEGIN and the statements had succeeded): carries the error."""
+
+    def __init__(self, error: sqlite3.Error) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _commit_error(exc: sqlite3.Error, path: Path) -> SyncError:
+    """A failed COMMIT, translated. Short of space, SQLite fails before the commit frame is
+    written, so nothing was stored; any other failure can come after the frames reached the
+    disk (a failed fsync, a filesystem going read-only): the outcome is unknown, and the
+    error says so (``detail.during_commit``)."""
+    error = translate(exc, path)
+    if not isinstance(error, StorageError) or error.code == "disk_full":
+        return error
+    return StorageError(
+        error.message,
+        hint=(
+            "The commit failed after its data may have reached the disk: the write was not "
+            "acknowledged and may or may not be stored. Check the disk (dmesg), then read "
+            "the key back before writing it again."
+        ),
+        code=error.code,
+        detail={**error.detail, "during_commit": True},
+    )
+
+
+def _check_durable(path: Path) -> None:
+    """Called after every COMMIT. Once a filesystem went read-only under an open file, Linux
+    still accepts writes into the page cache and answers fsync with success, although
+    nothing reaches the disk again: a commit that SQLite believes durable is lost at the
+    next unmount. Such a commit is refused here instead of acknowledged."""
+    if read_only_filesystem(path.parent):
+        raise StorageError(
+            f"the filesystem holding {path} turned read-only during a commit",
+            hint=(
+                "The disk failed or was remounted read-only (see dmesg): the write was not "
+                "acknowledged and may or may not be stored. Check the disk, remount it "
+                "read-write, and read the key back before writing it again."
+            ),
+            code="read_only",
+            detail={"path": str(path), "during_commit": True},
+        )
+
+
 def _filesystem_type(path: Path) -> str | None:
     """The mount type holding ``path`` (Linux only; None when unknown)."""
     try:
@@ -112,6 +168,16 @@ async def connect(
             f"{path} is on a network filesystem ({fstype}); SQLite WAL is unsafe there",
             hint="Put the edge database on a local disk.",
             code="network_filesystem",
+        )
+    if not readonly and read_only_filesystem(folder):
+        raise StorageError(
+            f"{path} is on a read-only filesystem",
+            hint=(
+                "Check the disk (dmesg: a failing disk is turned read-only by the kernel), "
+                "then remount it read-write; nothing is written until then."
+            ),
+            code="read_only",
+            detail={"path": str(path)},
         )
     # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
     conn = await aiosqlite.connect(path, isolation_level=None)
@@ -155,12 +221,18 @@ async def transaction(
             delay = min(delay * 2, 0.25)
     try:
         result = await body()
-        await conn.execute("COMMIT")
+        try:
+            await conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise _CommitFailed(exc) from None
     except BaseException as exc:
         await asyncio.shield(_rollback(conn, path))
+        if isinstance(exc, _CommitFailed):
+            raise _commit_error(exc.error, path) from None
         if isinstance(exc, sqlite3.Error):
             raise translate(exc, path) from None
         raise
+    _check_durable(path)
     return result
 
 
@@ -189,9 +261,12 @@ async def run_transaction(
     """
     try:
         result: T = await conn._execute(_transaction_on_thread, conn, body, *args)  # type: ignore[no-untyped-call]
-        return result
+    except _CommitFailed as exc:
+        raise _commit_error(exc.error, path) from None
     except sqlite3.Error as exc:
         raise translate(exc, path) from None
+    _check_durable(path)
+    return result
 
 
 def _transaction_on_thread(conn: aiosqlite.Connection, body: Callable[..., T], *args: Any) -> T:
@@ -209,7 +284,10 @@ def _transaction_on_thread(conn: aiosqlite.Connection, body: Callable[..., T], *
             delay = min(delay * 2, 0.25)
     try:
         result = body(raw, *args)
-        raw.execute("COMMIT")
+        try:
+            raw.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise _CommitFailed(exc) from None
     except BaseException:
         if raw.in_transaction:
             try:

@@ -445,13 +445,16 @@ class EdgeStore:
                     log.exception("commit listener %r failed", listener)
 
     async def _after_failure(self, exc: BaseException) -> None:
-        """After an I/O error the page cache may hold pages the disk never got (fsyncgate):
-        reopen the write connection rather than trust it."""
-        if not (isinstance(exc, StorageError) and exc.code == "io_error"):
+        """After an I/O error, or a filesystem that went read-only during a commit, the page
+        cache may hold pages the disk never got (fsyncgate): reopen the write connection
+        rather than trust it."""
+        if not isinstance(exc, StorageError):
+            return
+        if exc.code != "io_error" and not exc.detail.get("during_commit"):
             return
         if self._writer_lost is not None:
             return  # the reopen itself failed: the next write tries again
-        log.error("I/O error on %s; reopening the write connection", self.path)
+        log.error("%s; reopening the write connection", exc.message)
         with contextlib.suppress(sqlite3.Error, ValueError):
             await self._writer.close()
         await self._reopen_writer()

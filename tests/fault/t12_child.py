@@ -12,8 +12,9 @@ Usage: ``python t12_child.py MODE DB PREFIX [options]``; modes:
   filesystem read-only meanwhile), then read back every acknowledged key.
 - ``probe``: open the store, put one key, read one key (a read-only filesystem).
 
-Lines: ``ready``; ``ok KEY`` only after ``put`` returned; ``fail KEY CODE`` for a
-:class:`StorageError` with a hint (a clear refusal); ``unclear KEY ...`` for anything else,
+Lines: ``ready``; ``ok KEY MONOTONIC`` only after ``put`` returned; ``fail KEY CODE`` for a
+:class:`StorageError` with a hint (a clear refusal; ``CODE@commit`` when the filesystem
+went read-only during the commit, an unknown outcome); ``unclear KEY ...`` for anything else,
 which a caller could not act on; ``read ok|fail N [CODES]``; ``open-failed CODE {json}``
 when the store did not open; at the end ``stats {json}`` and ``done``.
 
@@ -65,7 +66,7 @@ class _ConnectionSpy:
                 return await real(conn, path, body, *args)
             except SyncError as exc:
                 self.failed_transactions += 1
-                if exc.code == "io_error":
+                if exc.code == "io_error" or exc.detail.get("during_commit"):
                     self.failed_conns.append(conn)
                     self._failed_ids.add(id(conn))
                 raise
@@ -135,13 +136,18 @@ class Writer:
             if not exc.hint:
                 emit(f"unclear {key} {exc.code} without a hint: {exc.message}")
                 return "unclear"
-            emit(f"fail {key} {exc.code}")
-            return exc.code
+            # A filesystem that went read-only during the commit: the outcome is unknown
+            # (the write may be on disk), unlike a clean refusal before anything was written.
+            code = f"{exc.code}@commit" if exc.detail.get("during_commit") else exc.code
+            emit(f"fail {key} {code}")
+            return code
         except Exception as exc:
             emit(f"unclear {key} {exc!r}".replace("\n", " "))
             return "unclear"
         self.acked.append(key)
-        emit(f"ok {key}")
+        # CLOCK_MONOTONIC is one clock for every process: the parent compares it with the
+        # moment it failed the disk.
+        emit(f"ok {key} {time.monotonic():.6f}")
         return None
 
     async def batch(self, concurrency: int) -> list[str | None]:

@@ -13,9 +13,17 @@ from hypothesis import strategies as st
 
 from syncengine.codec import Limits, canonical_packb, compress, decode, decompress, encode
 from syncengine.errors import DecodeError, LimitExceededError, SyncError
+from syncengine.merge import Change
+from syncengine.protocol import PullPage, decode_pull_page, encode_pull_page
 
-SMALL = Limits(max_body_bytes=1 << 20, max_decoded_bytes=1 << 20, max_items=1000,
-               max_str_bytes=1 << 16, max_bin_bytes=1 << 16, max_depth=8)
+SMALL = Limits(
+    max_body_bytes=1 << 20,
+    max_decoded_bytes=1 << 20,
+    max_items=1000,
+    max_str_bytes=1 << 16,
+    max_bin_bytes=1 << 16,
+    max_depth=8,
+)
 
 
 @pytest.mark.parametrize(
@@ -73,11 +81,15 @@ def test_compress_only_when_it_pays() -> None:
     assert enc is None and small == b"abc"
     body, enc = compress(encode([{"cell": "west/ng/lagos/clinic-12", "n": i} for i in range(500)]))
     assert enc == "zstd"
-    assert decode(decompress(body, enc)) == [{"cell": "west/ng/lagos/clinic-12", "n": i} for i in range(500)]
+    assert decode(decompress(body, enc)) == [
+        {"cell": "west/ng/lagos/clinic-12", "n": i} for i in range(500)
+    ]
 
 
 def test_canonical_bytes_ignore_key_order() -> None:
-    assert canonical_packb({"b": 1, "a": {"y": 2, "x": 3}}) == canonical_packb({"a": {"x": 3, "y": 2}, "b": 1})
+    assert canonical_packb({"b": 1, "a": {"y": 2, "x": 3}}) == canonical_packb(
+        {"a": {"x": 3, "y": 2}, "b": 1}
+    )
 
 
 def test_unencodable_value_is_a_decode_error() -> None:
@@ -93,8 +105,58 @@ def test_random_bytes_never_escape_the_error_tree(data: bytes) -> None:
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.recursive(st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=5),
-                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4),
-                    max_leaves=20))
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=5),
+        lambda inner: (
+            st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4)
+        ),
+        max_leaves=20,
+    )
+)
 def test_round_trip(value: object) -> None:
     assert decode(msgpack.packb(value, use_bin_type=True), SMALL) == value
+
+
+def _pull_page(**overrides: object) -> dict[str, object]:
+    change = Change(
+        cell="west/ng/lagos",
+        collection="patients",
+        key="p1",
+        hlc=1 << 20,
+        node="e1",
+        fields={"n": 1},
+        lane=1,
+        seq=1,
+    )
+    page = PullPage(changes=[change], ids=[7], next_cursor=7, head=7, more=False, hub_hlc=1)
+    return {**encode_pull_page(page), **overrides}
+
+
+def test_a_pull_page_round_trips() -> None:
+    page = decode_pull_page(_pull_page())
+    assert [c.key for c in page.changes] == ["p1"] and page.ids == [7]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "code"),
+    [
+        ({"v": 2}, "unsupported_version"),
+        ({"v": True}, "unsupported_version"),
+        ({"nodes": [["e1"]]}, "invalid_node_id"),
+        ({"nodes": [""]}, "invalid_node_id"),
+    ],
+)
+def test_a_pull_page_from_a_hostile_or_newer_hub_is_refused(
+    overrides: dict[str, object], code: str
+) -> None:
+    """A page the edge cannot trust is refused whole (its cursor does not move), with a
+    code that says why: never a crash, never a node id that is not a string."""
+    deep: object = 0
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(SyncError) as info:
+        decode_pull_page(_pull_page(**overrides))
+    assert info.value.code == code
+    with pytest.raises(SyncError):  # never RecursionError
+        decode_pull_page(_pull_page(nodes=[deep]))

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from syncengine.edge import sqlite as edge_sqlite
 from syncengine.edge.store import EdgeStore
 from syncengine.errors import (
     ConfigError,
@@ -62,8 +63,10 @@ async def test_put_get_delete_scan(tmp_path: Path) -> None:
         assert await store.get(CELL, "patients", "p2") is None
         assert await store.get(CELL, "patients", "nope") is None
         assert [k async for k, _ in store.scan(CELL, "patients")] == ["p1"]
-    rows = raw(tmp_path / "edge.db",
-               "SELECT key, json_extract(doc, '$.age'), deleted FROM records ORDER BY key")
+    rows = raw(
+        tmp_path / "edge.db",
+        "SELECT key, json_extract(doc, '$.age'), deleted FROM records ORDER BY key",
+    )
     assert rows == [("p1", 32, 0), ("p2", None, 1)]
 
 
@@ -83,7 +86,11 @@ async def test_one_outbox_row_per_write_in_tier_lanes(tmp_path: Path) -> None:
         await store.delete(f"{CELL}/stock", "items", "i1")
         status = {s.tier: s for s in await store.outbox.status()}
         assert {t: s.depth for t, s in status.items()} == {
-            Tier.CRITICAL: 2, Tier.IMPORTANT: 1, Tier.STANDARD: 1, Tier.ARCHIVE: 1}
+            Tier.CRITICAL: 2,
+            Tier.IMPORTANT: 1,
+            Tier.STANDARD: 1,
+            Tier.ARCHIVE: 1,
+        }
         batch = await store.outbox.next_batch()
         assert batch is not None and batch.tier is Tier.CRITICAL
         assert [c.seq for c in batch.changes] == [1, 2]
@@ -108,8 +115,9 @@ async def test_dead_letter_is_kept_and_skipped_without_blocking(tmp_path: Path) 
     async with open_store(tmp_path / "edge.db") as store:
         for i in range(5):
             await store.put(CELL, "c", f"k{i}", {"i": i})
-        assert await store.outbox.dead_letter(2, 2, code="clock_drift", message="too far ahead",
-                                              detail={"ahead_ms": 9e6})
+        assert await store.outbox.dead_letter(
+            2, 2, code="clock_drift", message="too far ahead", detail={"ahead_ms": 9e6}
+        )
         assert not await store.outbox.dead_letter(2, 2, code="x", message="again")
         batch = await store.outbox.next_batch(limit=10)
         assert batch is not None
@@ -129,7 +137,9 @@ async def test_dead_letter_is_kept_and_skipped_without_blocking(tmp_path: Path) 
 
 async def test_group_commit_shares_transactions(tmp_path: Path) -> None:
     async with open_store(tmp_path / "edge.db") as store:
-        stamps = await asyncio.gather(*(store.put(CELL, "c", f"k{i}", {"i": i}) for i in range(512)))
+        stamps = await asyncio.gather(
+            *(store.put(CELL, "c", f"k{i}", {"i": i}) for i in range(512))
+        )
         assert len(set(stamps)) == 512
         assert store.writes_committed == 512
         assert store.commits < 64, store.commits
@@ -140,10 +150,26 @@ async def test_apply_remote_merges_and_moves_cursor_atomically(tmp_path: Path) -
     async with open_store(tmp_path / "edge.db") as store:
         await store.put(CELL, "c", "k", {"mine": 1})
         page = [
-            Change(cell=CELL, collection="c", key="k", hlc=1, node="other", fields={"theirs": 2},
-                   lane=2, seq=1),
-            Change(cell=CELL, collection="c", key="r", hlc=2, node="other", fields={"a": 1},
-                   lane=2, seq=2),
+            Change(
+                cell=CELL,
+                collection="c",
+                key="k",
+                hlc=1,
+                node="other",
+                fields={"theirs": 2},
+                lane=2,
+                seq=1,
+            ),
+            Change(
+                cell=CELL,
+                collection="c",
+                key="r",
+                hlc=2,
+                node="other",
+                fields={"a": 1},
+                lane=2,
+                seq=2,
+            ),
         ]
         assert await store.apply_remote(page, cursor=10) == 2
         assert await store.get(CELL, "c", "k") == {"mine": 1, "theirs": 2}
@@ -151,8 +177,16 @@ async def test_apply_remote_merges_and_moves_cursor_atomically(tmp_path: Path) -
         # A stale or repeated page changes nothing.
         assert await store.apply_remote(page, cursor=10) == 0
         # Own changes come back from the hub and are skipped (a counter would double).
-        own = Change(cell=CELL, collection="c", key="k", hlc=5, node="lagos-clinic-12",
-                     fields={"mine": 99}, lane=2, seq=1)
+        own = Change(
+            cell=CELL,
+            collection="c",
+            key="k",
+            hlc=5,
+            node="lagos-clinic-12",
+            fields={"mine": 99},
+            lane=2,
+            seq=1,
+        )
         assert await store.apply_remote([own], cursor=11) == 0
         assert await store.get(CELL, "c", "k") == {"mine": 1, "theirs": 2}
         assert (await store.outbox.status())[2].depth == 1  # pulls never enter the outbox
@@ -164,7 +198,8 @@ async def test_remote_far_future_stamp_is_applied_but_not_folded(tmp_path: Path)
         future = (wall[0] + 3_600_000) << 16
         await store.apply_remote(
             [Change(cell=CELL, collection="c", key="k", hlc=future, node="x", fields={"a": 1})],
-            cursor=1)
+            cursor=1,
+        )
         assert await store.get(CELL, "c", "k") == {"a": 1}
         assert store.clock.last < future
 
@@ -259,3 +294,44 @@ async def test_documents_are_canonical_json(tmp_path: Path) -> None:
     (doc,) = raw(tmp_path / "edge.db", "SELECT doc FROM records")[0]
     assert doc == '{"a":{"y":null,"z":"é"},"b":1}'
     assert json.loads(doc) == {"b": 1, "a": {"z": "é", "y": None}}
+
+
+async def test_a_filesystem_gone_read_only_during_a_commit_is_not_acknowledged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a failing disk is remounted read-only under an open file, older Linux kernels
+    answer fsync with success while nothing reaches the disk: a commit made then is refused
+    as an unknown outcome (never acknowledged), the write connection is reopened, and writes
+    fail clearly until the filesystem is writable again."""
+    read_only = False
+    monkeypatch.setattr(edge_sqlite, "read_only_filesystem", lambda _folder: read_only)
+    async with open_store(tmp_path / "edge.db") as store:
+        await store.put(CELL, "patients", "p1", {"n": 1})
+        read_only = True
+        with pytest.raises(StorageError) as during:
+            await store.put(CELL, "patients", "p2", {"n": 2})
+        assert during.value.code == "read_only"
+        assert during.value.detail["during_commit"] is True
+        assert "may or may not be stored" in during.value.hint
+        # The reopen finds the filesystem read-only: a clear refusal, nothing written.
+        with pytest.raises(StorageError) as after:
+            await store.put(CELL, "patients", "p3", {"n": 3})
+        assert after.value.code == "read_only"
+        assert "during_commit" not in after.value.detail
+        assert "remount" in after.value.hint
+        read_only = False
+        await store.put(CELL, "patients", "p4", {"n": 4})
+        assert await store.get(CELL, "patients", "p1") == {"n": 1}
+        assert await store.get(CELL, "patients", "p3") is None
+        assert await store.get(CELL, "patients", "p4") == {"n": 4}
+
+
+async def test_a_store_on_a_read_only_filesystem_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(edge_sqlite, "read_only_filesystem", lambda _folder: True)
+    with pytest.raises(StorageError) as refused:
+        async with open_store(tmp_path / "edge.db"):
+            pass
+    assert refused.value.code == "read_only"
+    assert "read-only filesystem" in refused.value.message
