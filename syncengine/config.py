@@ -104,6 +104,7 @@ _HUB_SCALARS: Final[Mapping[str, type]] = {
     "max_clock_drift_s": int,
     "max_body_bytes": int,
     "max_batch_changes": int,
+    "max_record_bytes": int,
     "feed_retention_days": int,
 }
 _HUB_KEYS: Final = frozenset(_HUB_SCALARS) | {"tier_rules", "tier_policies", "resolvers"}
@@ -364,6 +365,9 @@ class HubConfig:
     max_clock_drift_s: int = DEFAULT_MAX_CLOCK_DRIFT_S
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_batch_changes: int = DEFAULT_MAX_BATCH_CHANGES
+    #: The largest record a put may carry (msgpack bytes of its fields), as on the edges;
+    #: a larger one is refused with ``record_too_large`` and dead-lettered by its edge.
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
     #: Feed entries older than this many days, once every node still syncing has pulled
     #: them, are dropped; a node away longer re-bootstraps from a snapshot.
     feed_retention_days: int = DEFAULT_FEED_RETENTION_DAYS
@@ -392,6 +396,7 @@ class HubConfig:
             "max_clock_drift_s": self.max_clock_drift_s,
             "max_body_bytes": self.max_body_bytes,
             "max_batch_changes": self.max_batch_changes,
+            "max_record_bytes": self.max_record_bytes,
             "feed_retention_days": self.feed_retention_days,
             "source": self.source,
         }
@@ -435,6 +440,7 @@ class HubConfig:
             max_batch_changes=table.get_int(
                 "max_batch_changes", DEFAULT_MAX_BATCH_CHANGES, minimum=1
             ),
+            max_record_bytes=table.get_int("max_record_bytes", DEFAULT_MAX_RECORD_BYTES, minimum=1),
             feed_retention_days=table.get_int(
                 "feed_retention_days", DEFAULT_FEED_RETENTION_DAYS, minimum=1
             ),

@@ -270,7 +270,11 @@ class Hub:
         self.metrics.bytes_in.inc(len(raw))
         encoding = request.headers.get("Content-Encoding")
         obj = decode_body(raw, encoding, self.limits)
-        batch = decode_push(obj, max_changes=self.config.max_batch_changes)
+        batch = decode_push(
+            obj,
+            max_changes=self.config.max_batch_changes,
+            max_record_bytes=self.config.max_record_bytes,
+        )
         push.check_batch(
             node, batch, region=self.config.region, clock=self.clock, resolvers=self.resolvers
         )

@@ -79,7 +79,11 @@ async def import_outbox(pool: asyncpg.Pool, config: HubConfig, path: Path) -> di
     resolvers = dict(config.resolvers)
     batches = []
     for raw in bundle.payload.get("batches", []):
-        batch = decode_push(raw, max_changes=config.max_batch_changes)
+        batch = decode_push(
+            raw,
+            max_changes=config.max_batch_changes,
+            max_record_bytes=config.max_record_bytes,
+        )
         if batch.node != node.node_id:
             raise BundleError(
                 f"{path}: a batch of node {batch.node!r} in {node.node_id!r}'s bundle"

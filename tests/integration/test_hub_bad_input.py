@@ -120,3 +120,23 @@ async def test_replay_after_grants_narrowed_answers_as_the_first_time(seeded) ->
             assert resp.status == 403
             body = await resp.json()
             assert body["error"] == "not_granted" and body["detail"]["seq"] == 3
+
+
+async def test_a_record_over_the_hubs_cap_is_refused_naming_its_seq(hub_factory) -> None:  # type: ignore[no-untyped-def]
+    """The hub caps a put's record size as the edges do (``max_record_bytes``): a larger
+    one is refused with ``record_too_large`` and its seq, so that its edge dead-letters
+    that change alone; nothing of the batch is applied."""
+    hub = await hub_factory(max_record_bytes=4096)
+    token = await hub.add_node("node-a", "west/ng/lagos")
+    msg = good_push(n=3)
+    msg["changes"][1][4] = {"note": "x" * 5000}
+    before = await checksum(hub.hub.pool)
+    async with aiohttp.ClientSession() as http, http.post(
+        f"{hub.url}/v1/push", data=packed(msg), headers=headers(token)
+    ) as resp:
+        assert resp.status == 413, await resp.text()
+        body = await resp.json()
+    assert body["error"] == "record_too_large"
+    assert body["detail"]["seq"] == 2 and body["detail"]["max"] == 4096
+    assert "max_record_bytes" in body["detail"]["hint"]
+    assert await checksum(hub.hub.pool) == before
