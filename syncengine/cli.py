@@ -106,6 +106,10 @@ EXIT_WARNING: Final = 1
 EXIT_CRITICAL: Final = 2
 #: How many dead letters ``status`` shows (the newest); the count covers all of them.
 STATUS_DEAD_LETTERS: Final = 5
+#: Free space under the edge database below which ``status`` warns, and below which it is
+#: critical (a few group commits from refusing writes with ``disk_full``).
+DISK_WARNING_BYTES: Final = 128 << 20
+DISK_CRITICAL_BYTES: Final = 16 << 20
 #: The hub's status opens a small pool: the CLI runs a handful of queries.
 _POOL_MIN: Final = 1
 _POOL_MAX: Final = 2
@@ -135,8 +139,9 @@ def _report(message: str, hint: str | None = None) -> None:
         click.echo(f"hint: {hint}", err=True)
 
 
-def _styled(state: str) -> str:
-    return f"[{_STATE_STYLE[state]}]{state}[/]"
+def _styled(state: str, text: str | None = None) -> str:
+    """``text`` (default: the state's name) in the colour of ``state`` (rich markup)."""
+    return f"[{_STATE_STYLE[state]}]{state if text is None else text}[/]"
 
 
 def _duration(seconds: float | None) -> str:
@@ -1453,6 +1458,14 @@ def hub_list_nodes(config_path: Path, as_json: bool) -> None:
 # ==================================================================================== status
 
 
+def disk_state_of(free_bytes: int, read_only: bool) -> str:
+    """The edge disk's state: ``critical`` when writes fail or are about to (read-only, or
+    under :data:`DISK_CRITICAL_BYTES` free), ``warning`` under :data:`DISK_WARNING_BYTES`."""
+    if read_only or free_bytes < DISK_CRITICAL_BYTES:
+        return "critical"
+    return "warning" if free_bytes < DISK_WARNING_BYTES else "ok"
+
+
 def tier_state(age_s: float | None, promise_s: int, dead_letters: int) -> str:
     """``critical`` once the oldest pending change is older than the tier's promise;
     ``warning`` past half the promise or with dead letters; else ``ok``."""
@@ -1573,7 +1586,11 @@ async def edge_status(config: EdgeConfig) -> dict[str, Any]:
             }
         )
     wal = config.db.with_name(config.db.name + "-wal")
+    free = shutil.disk_usage(config.db.parent).free
+    read_only = edge_sqlite.read_only_filesystem(config.db.parent)
+    disk_state = disk_state_of(free, read_only)
     states = [t["state"] for t in tiers]
+    states.append(disk_state)
     if hub["reachable"] is False or hub["clock_state"] == "warning":
         states.append("warning")
     return {
@@ -1589,7 +1606,9 @@ async def edge_status(config: EdgeConfig) -> dict[str, Any]:
             "path": str(config.db),
             "bytes": _file_size(config.db),
             "wal_bytes": _file_size(wal),
-            "disk_free_bytes": shutil.disk_usage(config.db.parent).free,
+            "disk_free_bytes": free,
+            "read_only": read_only,
+            "disk_state": disk_state,
         },
         "tiers": tiers,
         "dead_letters": {
@@ -1778,7 +1797,8 @@ def _render_edge(data: Mapping[str, Any]) -> None:
     console.print(f"hub      {escape(data['hub_url'] or 'the region default')} · {reach}")
     console.print(
         f"database {escape(db['path'])} · {_size(db['bytes'])} + WAL {_size(db['wal_bytes'])} "
-        f"· {_size(db['disk_free_bytes'])} free"
+        f"· {_styled(db['disk_state'], _size(db['disk_free_bytes']) + ' free')}"
+        + (" · [bold red]read-only filesystem[/]" if db["read_only"] else "")
     )
     table = Table(title="outbox per tier", title_justify="left")
     columns = ("tier", "state", "pending", "bytes", "age/limit", "push", "pull", "lag", "dead")
@@ -1919,7 +1939,8 @@ def status(ctx: click.Context, config_path: Path, as_json: bool, watch: float | 
 
     An edge is critical when a tier's oldest pending change is older than the tier's
     promise, warning past half of it, with dead letters, while a push or pull fails, when
-    the hub is unreachable or its clock is off by more than half the allowed drift. A hub is critical when its
+    the hub is unreachable or its clock is off by more than half the allowed drift; and
+    critical when its disk is read-only or has under 16 MiB free (warning: 128 MiB). A hub is critical when its
     database is unreachable or not migrated.
 
     \b
@@ -1935,7 +1956,8 @@ def status(ctx: click.Context, config_path: Path, as_json: bool, watch: float | 
         feed_head, clock_offset_ms (this clock minus the hub's), clock_state,
         conflicts: null | {count_24h, latest: [{at, cell, collection, key, field, won,
         other_node, lost_value}]} (conflicts this node took part in)}
-      db: {path, bytes, wal_bytes, disk_free_bytes}
+      db: {path, bytes, wal_bytes, disk_free_bytes, read_only, disk_state (critical
+        when read-only or under 16 MiB free, warning under 128 MiB)}
       tiers: one per tier, critical first: {tier, state, depth (pending changes),
         bytes_pending, oldest_pending_age_s (null when empty), promise_s, acked_seq,
         next_seq, dead_letters, pull_cursor, pull_lag (feed entries behind the hub's

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
+import syncengine.cli as cli_module
 from support.servers import free_port
 from syncengine.cli import cli, tier_state
 from syncengine.config import load_config, load_edge_config, load_hub_config
@@ -311,6 +313,48 @@ def test_status_exit_2_when_a_tier_is_past_its_promise(runner: CliRunner, edge_t
     assert states == {"critical": "critical", "important": "ok", "standard": "ok", "archive": "ok"}
     table = invoke(runner, "status", "--config", str(edge_toml))
     assert table.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("free", "read_only", "state", "code", "shown"),
+    [
+        (0, False, "critical", 2, "0 B free"),
+        (8 << 20, False, "critical", 2, "8.0 MiB free"),
+        (100 << 20, False, "warning", 1, "100.0 MiB free"),
+    ],
+)
+def test_status_says_when_the_disk_is_full_or_read_only(
+    runner: CliRunner,
+    edge_toml: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    free: int,
+    read_only: bool,
+    state: str,
+    code: int,
+    shown: str,
+) -> None:
+    """A store that is about to refuse writes (no space, read-only disk) is not "ok",
+    however empty its queues are."""
+    put_everywhere(runner, edge_toml)
+    usage = shutil.disk_usage(edge_toml.parent)
+    monkeypatch.setattr(cli_module.shutil, "disk_usage", lambda _p: usage._replace(free=free))
+    monkeypatch.setattr(cli_module.edge_sqlite, "read_only_filesystem", lambda _p: read_only)
+    got, data = status_json(runner, edge_toml)
+    assert got == code and data["state"] == state
+    assert data["db"]["disk_state"] == state and data["db"]["read_only"] is read_only
+    assert data["db"]["disk_free_bytes"] == free
+    table = invoke(runner, "status", "--config", str(edge_toml))
+    assert table.exit_code == code and shown in table.stdout
+
+
+def test_status_on_a_read_only_filesystem_says_so(
+    runner: CliRunner, edge_toml: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    put_everywhere(runner, edge_toml)
+    monkeypatch.setattr(cli_module.edge_sqlite, "read_only_filesystem", lambda _p: True)
+    result = invoke(runner, "status", "--config", str(edge_toml))
+    assert result.exit_code == 1
+    assert "read-only filesystem" in result.stderr and "remount" in result.stderr
 
 
 def test_status_warning_past_half_the_overridden_promise(
