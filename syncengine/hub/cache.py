@@ -52,6 +52,11 @@ _CHUNK: Final = 8
 #: The wake-up listener's reconnect backoff: from the first, doubling, to the last; back
 #: to the first once Redis confirms the subscription.
 LISTEN_RETRY_S: Final = (0.1, 1.0)
+#: After this long without a message the wake-up listener pings on its subscription, and
+#: after LISTEN_SILENCE_S without any answer it calls the subscription lost (long-polls then
+#: re-read PostgreSQL every second until it is back).
+LISTEN_PING_S: Final = 1.0
+LISTEN_SILENCE_S: Final = 3.0
 #: The wake-up payload for every tier (others are comma-separated tier priorities).
 _EVERY_TIER: Final = "*"
 
@@ -261,16 +266,33 @@ class Cache:
         assert self._redis is not None
         first, most = LISTEN_RETRY_S
         delay = first
+        loop = asyncio.get_running_loop()
         while True:
             pubsub = self._redis.pubsub()
             try:
                 await pubsub.subscribe(self._channel)
+                # A Redis that stopped answering (SIGSTOP, a frozen VM, a black-holed link)
+                # leaves the connection open and silent, which looks like no traffic: after a
+                # quiet second the listener pings on the subscription and calls it lost when
+                # nothing at all came back for LISTEN_SILENCE_S.
+                heard = loop.time()
+                pinged = False
                 while True:
                     msg = await pubsub.get_message(timeout=1.0)
+                    now = loop.time()
                     if msg is None:
                         if self._failing:
                             await self.ping()  # close the breaker without waiting for traffic
+                        if now - heard > LISTEN_SILENCE_S:
+                            raise TimeoutError(
+                                f"Redis sent nothing on the wake-up subscription for "
+                                f"{now - heard:.1f} s, not even a PONG"
+                            )
+                        if not pinged and now - heard >= LISTEN_PING_S:
+                            await pubsub.ping()
+                            pinged = True
                         continue
+                    heard, pinged = now, False
                     if msg["type"] == "subscribe":
                         delay = first
                         self._set_subscribed(True)  # a wake-up may have been missed before

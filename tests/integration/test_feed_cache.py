@@ -95,7 +95,9 @@ async def test_cross_hub_long_poll_wakes_soon_after_pubsub_loss(hub_factory, red
     connection was just killed (the wake-up is published while B resubscribes), while Redis
     is stopped (the long-poll was waiting at the healthy 5 s interval when it stopped), and
     after a restart (B resubscribes at once: no long backoff). B's ``/readyz`` says its
-    wake-ups are degraded while Redis is down and ok within 2 s of its return."""
+    wake-ups are degraded while Redis is down and ok within 2 s of its return; and when
+    Redis is frozen (SIGSTOP) with no traffic at all, degraded within about 4 s (a ping on
+    the quiet subscription goes unanswered), ok again soon after SIGCONT."""
     a, b = await hub_factory(), await hub_factory()
     tokens = {n: await a.add_node(n, "west") for n in ("w", "t")}
     seq = 0
@@ -195,5 +197,13 @@ async def test_cross_hub_long_poll_wakes_soon_after_pubsub_loss(hub_factory, red
             await asyncio.to_thread(redis_server.start)
             await until_wakeups(b, "ok", 2)
             await wake_delay("redis restarted")
+            # A frozen Redis keeps its connections open and says nothing: with no traffic
+            # at all, hub B's listener must notice by itself (ping, then silence).
+            redis_server.pause()
+            froze = await until_wakeups(b, "degraded", 6)
+            redis_server.resume()
+            await until_wakeups(b, "ok", 4)
+            await wake_delay("redis thawed")
+            assert froze > 1, f"degraded {froze:.1f} s after SIGSTOP: before any silence?"
         finally:
             redis_server.ensure_running()
