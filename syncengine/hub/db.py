@@ -63,6 +63,19 @@ async def translated(what: str) -> AsyncIterator[None]:
         ) from exc
 
 
+#: Where a large push stages its records (COPY) before one upsert into ``records``: a
+#: temporary table of each pooled connection, emptied at every commit.
+STAGING_TABLE: Final = "records_in"
+_CREATE_STAGING: Final = (
+    f"CREATE TEMP TABLE IF NOT EXISTS {STAGING_TABLE} (cell text, collection text, key text, "
+    "doc text, state bytea, hlc int8, deleted bool, feed_id int8) ON COMMIT DELETE ROWS"
+)
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.execute(_CREATE_STAGING)
+
+
 async def connect_pool(
     dsn: str,
     *,
@@ -88,6 +101,7 @@ async def connect_pool(
             max_size=max_size,
             timeout=_CONNECT_TIMEOUT_S,
             command_timeout=command_timeout,
+            init=_init_connection,
             # Reconnected pools must not reuse prepared statements of a restarted server.
             max_inactive_connection_lifetime=60.0,
         )

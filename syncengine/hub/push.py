@@ -33,7 +33,7 @@ from syncengine import crashpoints
 from syncengine.clock import HybridClock, hlc_millis
 from syncengine.codec import encode
 from syncengine.errors import ClockDriftError, ForbiddenError, SequenceError, SyncError
-from syncengine.hub.db import pg_json, translated
+from syncengine.hub.db import STAGING_TABLE, pg_json, translated
 from syncengine.hub.nodes import Node, check_writable
 from syncengine.merge import (
     DEFAULT_RESOLVER,
@@ -234,12 +234,16 @@ async def _apply_once(
         # Grants are checked here, on what is not applied yet: a replay of changes applied
         # before the operator narrowed the grants must answer as the first time did, not
         # 403 — or the edge would dead-letter changes the hub already holds.
+        checked: set[str] = set()  # a batch touches few cells: check each once
         for c in todo:
+            if c.cell in checked:
+                continue
             try:
                 check_writable(node, region, [c.cell])
             except SyncError as exc:
                 exc.detail.update(seq=c.seq, lane=batch.lane)
                 raise
+            checked.add(c.cell)
         conflicts: list[Conflict] = []
         feed_rows: list[list[Any]] = []
         first_id = last_id = 0
@@ -353,44 +357,58 @@ async def _write_records(
     touched: dict[RecordKey, RecordState],
     feed_ids: dict[RecordKey, int],
 ) -> None:
-    cells, colls, keys, docs, states, hlcs, deleted, fids = [], [], [], [], [], [], [], []
-    for (cell, coll, key), state in touched.items():
+    rows = []
+    for rk, state in touched.items():
         doc = state.document()
-        cells.append(cell)
-        colls.append(coll)
-        keys.append(key)
-        docs.append(pg_json(doc) if doc else None)
-        states.append(state.to_bytes())
-        hlcs.append(state.max_hlc)
-        deleted.append(not doc)
-        fids.append(feed_ids[(cell, coll, key)])
+        rows.append(
+            (
+                *rk,
+                pg_json(doc) if doc else None,
+                state.to_bytes(),
+                state.max_hlc,
+                not doc,
+                feed_ids[rk],
+            )
+        )
+    if len(rows) >= COPY_RECORDS_FROM:
+        # Many records: COPY them into the connection's staging table, then one upsert.
+        # Binding eight arrays of thousands of elements costs asyncpg more than COPY does.
+        await conn.copy_records_to_table(STAGING_TABLE, records=rows)
+        await conn.execute(_UPSERT_RECORDS + f"FROM {STAGING_TABLE}" + _ON_CONFLICT)
+        return
     await conn.execute(
-        "INSERT INTO records (cell, collection, key, doc, state, hlc, deleted, feed_id) "
-        "SELECT cell, collection, key, doc::jsonb, state, hlc, deleted, feed_id FROM unnest("
-        "$1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::int8[], $7::bool[], "
-        "$8::int8[]) AS t (cell, collection, key, doc, state, hlc, deleted, feed_id) "
-        "ON CONFLICT (cell, collection, key) DO UPDATE SET doc = excluded.doc, "
-        "state = excluded.state, hlc = excluded.hlc, deleted = excluded.deleted, "
-        "feed_id = excluded.feed_id, updated_at = now()",
-        cells,
-        colls,
-        keys,
-        docs,
-        states,
-        hlcs,
-        deleted,
-        fids,
+        _UPSERT_RECORDS
+        + "FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], "
+        "$6::int8[], $7::bool[], $8::int8[]) "
+        "AS t (cell, collection, key, doc, state, hlc, deleted, feed_id)" + _ON_CONFLICT,
+        *(list(column) for column in zip(*rows, strict=True)),
     )
+
+
+#: A push stages this many records or more with COPY (fewer: one statement binding arrays,
+#: one round trip less under the feed lock).
+COPY_RECORDS_FROM: Final = 100
+_UPSERT_RECORDS: Final = (
+    "INSERT INTO records (cell, collection, key, doc, state, hlc, deleted, feed_id) "
+    "SELECT cell, collection, key, doc::jsonb, state, hlc, deleted, feed_id "
+)
+_ON_CONFLICT: Final = (
+    " ON CONFLICT (cell, collection, key) DO UPDATE SET doc = excluded.doc, "
+    "state = excluded.state, hlc = excluded.hlc, deleted = excluded.deleted, "
+    "feed_id = excluded.feed_id, updated_at = now()"
+)
+
+
+#: The feed columns a push writes, in the order of its feed rows.
+FEED_COLUMNS: Final = (
+    "id", "tier", "cell", "collection", "key", "node_id", "lane", "seq", "hlc", "fields", "base"
+)  # fmt: skip
 
 
 async def _append_feed(conn: asyncpg.Connection, rows: list[list[Any]]) -> None:
-    columns = list(zip(*rows, strict=True))
-    await conn.execute(
-        "INSERT INTO feed (id, tier, cell, collection, key, node_id, lane, seq, hlc, fields, base) "
-        "SELECT * FROM unnest($1::int8[], $2::int2[], $3::text[], $4::text[], $5::text[], "
-        "$6::text[], $7::int2[], $8::int8[], $9::int8[], $10::bytea[], $11::bytea[])",
-        *(list(col) for col in columns),
-    )
+    # COPY, not INSERT … unnest(arrays): asyncpg encodes rows for COPY without checking
+    # every array element for nesting, and the server skips building the arrays.
+    await conn.copy_records_to_table("feed", records=rows, columns=FEED_COLUMNS)
 
 
 async def _log_conflicts(conn: asyncpg.Connection, conflicts: list[Conflict]) -> None:

@@ -8,6 +8,7 @@ import aiohttp
 import pytest
 
 from syncengine.codec import decode, encode
+from syncengine.hub.push import COPY_RECORDS_FROM
 from syncengine.merge import Change
 from syncengine.protocol import PushBatch, decode_pull_page, decode_push_answer, encode_push
 
@@ -52,3 +53,40 @@ async def test_push_then_pull_round_trip(hub) -> None:  # type: ignore[no-untype
     rows = await hub.hub.pool.fetch("SELECT key, doc->>'y' AS y FROM records ORDER BY key")
     assert [(r["key"], r["y"]) for r in rows] == [("k1", None), ("k2", "é")]
     assert await hub.hub.pool.fetchval("SELECT count(*) FROM feed") == 2
+
+
+async def test_large_and_small_pushes_write_the_same_records(hub) -> None:  # type: ignore[no-untyped-def]
+    """A push of many records stages them with COPY, a small one binds arrays: both must
+    insert new records and merge into existing ones alike (here: 150 changes over keys a
+    small push wrote before, then a small push over keys the large one wrote)."""
+    token = await hub.add_node("node-a", "west/ng/lagos")
+    now = (time.time_ns() // 1_000_000) << 16
+    large = 150
+    assert large >= COPY_RECORDS_FROM > 3
+    batches = [
+        [change("node-a", s, f"k{s}", {"small": s}, now + s) for s in (1, 2, 3)],
+        [
+            change("node-a", s, f"k{s - 3}", {"large": s}, now + s)
+            for s in range(4, 4 + large)
+        ],
+        [change("node-a", 4 + large + i, f"k{i + 1}", None, now + 4 + large + i) for i in (0, 1)],
+    ]
+    async with aiohttp.ClientSession() as http:
+        for changes in batches:
+            batch = PushBatch(node="node-a", lane=2, first_seq=changes[0].seq,
+                              last_seq=changes[-1].seq, changes=changes)
+            async with http.post(
+                f"{hub.url}/v1/push", data=encode(encode_push(batch)),
+                headers={"Authorization": f"Bearer {token}"},
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+    rows = {
+        r["key"]: (r["doc"], r["deleted"], r["feed_id"])
+        for r in await hub.hub.pool.fetch("SELECT key, doc::text, deleted, feed_id FROM records")
+    }
+    assert len(rows) == large
+    assert rows["k3"] == ('{"large": 6, "small": 3}', False, 6)  # merged by the COPY path
+    assert rows["k4"] == ('{"large": 7}', False, 7)
+    assert rows["k1"] == (None, True, 4 + large)  # deleted by the small path
+    assert rows["k2"] == (None, True, 5 + large)
+    assert await hub.hub.pool.fetchval("SELECT count(*) FROM feed") == 5 + large
