@@ -415,17 +415,19 @@ def validate_key(value: object) -> str:
     return value
 
 
-def _check_value(value: Any, path: str, depth: int) -> None:
+def _check_value(value: Any, path: str, depth: int) -> int:
+    """Check one value; return an upper bound of its msgpack size (cheap: exact sizes are
+    computed only when the bound of a whole record exceeds its limit)."""
     if value is None or isinstance(value, bool | str):
         if isinstance(value, str):
             try:
-                value.encode("utf-8")
+                return 5 + len(value.encode("utf-8"))
             except UnicodeEncodeError:
                 raise ValidationError(
                     f"field {path!r} holds a string that is not valid Unicode (lone surrogate)",
                     code="invalid_value",
                 ) from None
-        return
+        return 1
     if isinstance(value, int):
         if not _INT64_MIN <= value <= _INT64_MAX:
             raise ValidationError(
@@ -433,7 +435,7 @@ def _check_value(value: Any, path: str, depth: int) -> None:
                 hint="Store very large numbers as strings.",
                 code="invalid_value",
             )
-        return
+        return 9
     if isinstance(value, float):
         if not math.isfinite(value):
             raise ValidationError(
@@ -441,25 +443,27 @@ def _check_value(value: Any, path: str, depth: int) -> None:
                 hint="Use null or a string for missing or infinite values.",
                 code="invalid_value",
             )
-        return
+        return 9
     if depth >= MAX_VALUE_DEPTH:
         raise ValidationError(
             f"field {path!r} is nested deeper than {MAX_VALUE_DEPTH} levels",
             code="invalid_value",
         )
     if isinstance(value, list | tuple):
+        size = 5
         for i, v in enumerate(value):
-            _check_value(v, f"{path}[{i}]", depth + 1)
-        return
+            size += _check_value(v, f"{path}[{i}]", depth + 1)
+        return size
     if isinstance(value, dict):
+        size = 5
         for k, v in value.items():
             if not isinstance(k, str):
                 raise ValidationError(
                     f"field {path!r} has a map key of type {type(k).__name__}; keys must be strings",
                     code="invalid_value",
                 )
-            _check_value(v, f"{path}.{k}", depth + 1)
-        return
+            size += 5 + 4 * len(k) + _check_value(v, f"{path}.{k}", depth + 1)
+        return size
     raise ValidationError(
         f"field {path!r} holds a {type(value).__name__}, which cannot be stored",
         hint="Values are null, booleans, numbers, strings, lists and maps with string keys;"
@@ -484,13 +488,14 @@ def validate_fields(
             hint="Use delete to remove a record.",
             code="empty_put",
         )
+    bound = 5  # an upper bound of the record's encoded size
     for name, value in fields.items():
         if not isinstance(name, str) or not 0 < len(name) <= MAX_FIELD_NAME_LENGTH:
             raise ValidationError(
                 f"field name {str(name)[:80]!r} must be a string of 1..{MAX_FIELD_NAME_LENGTH} chars",
                 code="invalid_field_name",
             )
-        _check_value(value, name, 0)
+        bound += 5 + 4 * len(name) + _check_value(value, name, 0)
         if resolver in _AGGREGATES:
             numeric = isinstance(value, int | float) and not isinstance(value, bool)
             if not numeric or (resolver == "counter" and not isinstance(value, int)):
@@ -500,7 +505,7 @@ def validate_fields(
                     code="invalid_value",
                 )
     out = dict(fields)
-    if max_bytes is not None:
+    if max_bytes is not None and bound > max_bytes:
         size = len(encode(out))  # the encoded size does not depend on key order
         if size > max_bytes:
             raise LimitExceededError(
