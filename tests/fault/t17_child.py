@@ -1,0 +1,87 @@
+"""An edge process for the T17 soak: ``edge_child.py``'s daemon and writer, which the test can
+pause and resume over stdin.
+
+Usage: ``python t17_child.py CONFIG_JSON PREFIX RATE``
+
+Prints ``ready`` once the daemon runs, ``bootstrapped`` once it holds its subscriptions, and one
+line per acknowledged write (``<key>``, only after ``put`` returned) at about RATE writes/s
+across the critical, important and standard cells of ``edge_child.CELLS``. Commands on stdin,
+one a line: ``pause`` stops the writers and prints ``paused`` once no ``put`` is in flight (so
+every acknowledged key was printed before it); ``resume`` starts them again and prints
+``resumed``. The daemon keeps syncing throughout. End of stdin (the test is gone) ends the
+process.
+
+``SYNCENGINE_T3_BROKEN=ack_before_commit`` is the negative control's broken build (see
+``edge_child.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+
+from edge_child import CELLS, CONCURRENCY, _break_ack_before_commit
+
+from syncengine.config import EdgeConfig
+from syncengine.edge.daemon import EdgeDaemon
+
+
+def say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+async def main(config_json: str, prefix: str, rate: float) -> None:
+    config = EdgeConfig.from_mapping(json.loads(config_json))
+    running = asyncio.Event()
+    running.set()
+    in_flight = 0
+    async with EdgeDaemon(config, notify=lambda _msg: None) as daemon:
+        say("ready")
+
+        async def bootstrapped() -> None:
+            while not daemon.health().bootstrapped:
+                await asyncio.sleep(0.05)
+            say("bootstrapped")
+
+        async def commands() -> None:
+            while True:
+                line = await asyncio.to_thread(sys.stdin.readline)
+                if not line:
+                    os._exit(0)  # the test closed the pipe, or died
+                command = line.strip()
+                if command == "pause":
+                    running.clear()
+                    while in_flight:
+                        await asyncio.sleep(0.01)
+                    say("paused")
+                elif command == "resume":
+                    running.set()
+                    say("resumed")
+
+        counter = iter(range(1 << 62))
+        pause = CONCURRENCY / rate
+
+        async def writer() -> None:
+            nonlocal in_flight
+            for i in counter:
+                await running.wait()
+                cell, collection = CELLS[i % len(CELLS)]
+                key = f"{prefix}-{i}"
+                in_flight += 1
+                try:
+                    await daemon.store.put(cell, collection, key, {"n": i, "by": config.node_id})
+                    say(key)
+                finally:
+                    in_flight -= 1
+                await asyncio.sleep(pause)
+
+        await asyncio.gather(bootstrapped(), commands(), *(writer() for _ in range(CONCURRENCY)))
+
+
+if __name__ == "__main__":
+    if os.environ.get("SYNCENGINE_T3_BROKEN") == "ack_before_commit":
+        _break_ack_before_commit()
+    asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3])))
