@@ -266,7 +266,7 @@ async def _apply_once(
                 "UPDATE feed_head SET id = id + $1 RETURNING id, epoch", len(todo)
             )
             first_id = last_id - len(todo) + 1
-            tier_of = {c.cell: tier_rules.tier_for(c.cell).priority for c in todo}
+            tier_of = {cell: tier_rules.tier_for(cell).priority for cell in checked}
             tiers = set(tier_of.values())
             feed_rows = [
                 [
