@@ -181,6 +181,8 @@ TIMER_SLACK_S: Final = 0.05
 GRACE_S: Final = 0.3
 #: The negative control repeats its short run until it sees a loss, at most this often.
 CONTROL_ATTEMPTS: Final = 3
+#: The control's writes/s per edge and mean seconds between bursts, in both modes.
+CONTROL_LOAD: Final = (1.5, 10.0)
 
 VIOLATIONS: Final = (
     "priority_inversions",
@@ -428,12 +430,18 @@ def _delete_on_send(daemon: EdgeDaemon) -> Callable[[OutboxBatch], Awaitable[Non
 # ------------------------------------------------------------------------------- the load
 
 
-async def write_loop(edge: EdgeRun, rng: random.Random, stop: asyncio.Event) -> None:
-    """Unique values to the three tiers at about :data:`WRITE_RATE`, with bursts of
-    standard changes; each write is recorded once ``put`` returned (acknowledged)."""
+async def write_loop(
+    edge: EdgeRun,
+    rng: random.Random,
+    stop: asyncio.Event,
+    rate: float = WRITE_RATE,
+    burst_every_s: float = BURST_EVERY_S,
+) -> None:
+    """Unique values to the three tiers at about ``rate`` writes/s, with bursts of standard
+    changes; each write is recorded once ``put`` returned (acknowledged)."""
     store = edge.daemon.store
     counter = iter(range(1 << 62))
-    next_burst = time.monotonic() + rng.uniform(5, BURST_EVERY_S)
+    next_burst = time.monotonic() + rng.uniform(5, burst_every_s)
 
     async def put(tier: str) -> None:
         i = next(counter)
@@ -446,10 +454,10 @@ async def write_loop(edge: EdgeRun, rng: random.Random, stop: asyncio.Event) -> 
         if time.monotonic() >= next_burst:
             n = rng.randint(*BURST)
             await asyncio.gather(*(put("standard") for _ in range(n)))
-            next_burst = time.monotonic() + rng.expovariate(1 / BURST_EVERY_S)
+            next_burst = time.monotonic() + rng.expovariate(1 / burst_every_s)
         await put(rng.choices(("critical", "important", "standard"), (4, 3, 3))[0])
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), rng.expovariate(WRITE_RATE))
+            await asyncio.wait_for(stop.wait(), rng.expovariate(rate))
 
 
 async def loop_lag(run: Run) -> None:
@@ -962,6 +970,7 @@ async def scenario(
     settle_limit_s: float,
     broken: bool = False,
     attempt: int = 0,
+    load: tuple[float, float] = (WRITE_RATE, BURST_EVERY_S),
 ) -> Run:
     """Start the cluster, write under the profiles and the nemesis for ``fault_s``, heal,
     stop writing and wait for the system to settle."""
@@ -984,7 +993,8 @@ async def scenario(
     background += [asyncio.create_task(e.shaped.run_profile()) for e in run.edges]
     background.append(asyncio.create_task(nemesis(run, plan, random.Random(rng.random()))))
     writers = [
-        asyncio.create_task(write_loop(e, random.Random(rng.random()), stop)) for e in run.edges
+        asyncio.create_task(write_loop(e, random.Random(rng.random()), stop, *load))
+        for e in run.edges
     ]
     try:
         done, _ = await asyncio.wait(
@@ -1094,6 +1104,9 @@ async def test_t07_control_outbox_deleted_on_send_loses_writes(servers: Servers)
                 settle_limit_s=10.0,
                 broken=True,
                 attempt=attempt,
+                # The quick load in both modes (long mode writes slowly, bursts rarely):
+                # the bug needs pushes in flight when the RSTs come.
+                load=CONTROL_LOAD,
             )
             verdict = await check(run)
         acknowledged += sum(len(e.writes) for e in run.edges)
