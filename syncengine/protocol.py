@@ -152,6 +152,15 @@ def _str_table(obj: Mapping[str, Any], name: str, check: Any) -> list[str]:
     return [check(v) for v in table]
 
 
+def _check_version(version: object, speaks: str) -> None:
+    if type(version) is not int or version != PROTOCOL_VERSION:  # not true, not 1.0
+        raise InvalidInputError(
+            f"protocol version {reprlib.repr(version)} is not supported ({speaks})",
+            hint="Run the same syncengine release on the hub and the edges (hubs first).",
+            code="unsupported_version",
+        )
+
+
 def _only_keys(
     obj: object, allowed: frozenset[str], what: str, *, optional: frozenset[str] = frozenset()
 ) -> Mapping[str, Any]:
@@ -277,12 +286,7 @@ def decode_push(
     ``max_changes``.
     """
     msg = _only_keys(obj, _PUSH_KEYS, "push")
-    if type(msg["v"]) is not int or msg["v"] != PROTOCOL_VERSION:  # not true, not 1.0
-        raise _bad(
-            f"protocol version {reprlib.repr(msg['v'])} is not supported "
-            f"(this hub speaks {PROTOCOL_VERSION})",
-            code="unsupported_version",
-        )
+    _check_version(msg["v"], f"this hub speaks {PROTOCOL_VERSION}")
     node = validate_node_id(msg["node"])
     lane = _int(msg, "lane", 0, 3)
     first = _int(msg, "first", 1, _MAX_SEQ)
@@ -426,13 +430,7 @@ def decode_pull_page(obj: object) -> PullPage:
     """Validate a pull page from the hub. The hub is trusted less than fully: a page that
     does not parse is refused whole, so the cursor never moves past unapplied changes."""
     msg = _only_keys(obj, _PULL_KEYS | _PULL_OPTIONAL, "pull page", optional=_PULL_OPTIONAL)
-    if type(msg["v"]) is not int or msg["v"] != PROTOCOL_VERSION:
-        raise InvalidInputError(
-            f"the hub answered with protocol version {reprlib.repr(msg['v'])}; this edge "
-            f"speaks {PROTOCOL_VERSION}",
-            hint="Run the same syncengine release on the hub and the edges (hubs first).",
-            code="unsupported_version",
-        )
+    _check_version(msg["v"], f"this edge speaks {PROTOCOL_VERSION}")
     cells = _str_table(msg, "cells", parse_cell)
     colls = _str_table(msg, "colls", validate_collection)
     nodes = _str_table(msg, "nodes", validate_node_id)

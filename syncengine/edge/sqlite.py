@@ -16,7 +16,7 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import aiosqlite
 
@@ -93,6 +93,13 @@ class _CommitFailed(Exception):
         self.error = error
 
 
+#: The hint of every commit whose outcome is unknown.
+_UNKNOWN_OUTCOME_HINT: Final = (
+    "The write was not acknowledged and may or may not be stored: check the disk (dmesg), "
+    "make it writable again, then read the key back before writing it again."
+)
+
+
 def _commit_error(exc: sqlite3.Error, path: Path) -> SyncError:
     """A failed COMMIT, translated. Short of space, SQLite fails before the commit frame is
     written, so nothing was stored; any other failure can come after the frames reached the
@@ -103,11 +110,7 @@ def _commit_error(exc: sqlite3.Error, path: Path) -> SyncError:
         return error
     return StorageError(
         error.message,
-        hint=(
-            "The commit failed after its data may have reached the disk: the write was not "
-            "acknowledged and may or may not be stored. Check the disk (dmesg), then read "
-            "the key back before writing it again."
-        ),
+        hint=_UNKNOWN_OUTCOME_HINT,
         code=error.code,
         detail={**error.detail, "during_commit": True},
     )
@@ -121,11 +124,7 @@ def _check_durable(path: Path) -> None:
     if read_only_filesystem(path.parent):
         raise StorageError(
             f"the filesystem holding {path} turned read-only during a commit",
-            hint=(
-                "The disk failed or was remounted read-only (see dmesg): the write was not "
-                "acknowledged and may or may not be stored. Check the disk, remount it "
-                "read-write, and read the key back before writing it again."
-            ),
+            hint=_UNKNOWN_OUTCOME_HINT,
             code="read_only",
             detail={"path": str(path), "during_commit": True},
         )
