@@ -1746,7 +1746,8 @@ async def _hub_cache(config: HubConfig) -> dict[str, Any]:
         retry=Retry(NoBackoff(), 0),
     )
     try:
-        stats = await asyncio.wait_for(client.info("stats"), timeout=2 * _REDIS_TIMEOUT_S)
+        async with asyncio.timeout(2 * _REDIS_TIMEOUT_S):
+            stats = await client.info("stats")
     except (RedisError, OSError, TimeoutError) as exc:
         out.update(state="degraded", error=f"{type(exc).__name__}: {exc}", hit_ratio=None)
     else:

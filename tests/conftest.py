@@ -176,3 +176,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("--long"):
         os.environ["SYNCENGINE_FAULT_MODE"] = "long"
+
+
+#: A quick-mode test that runs this long is hung, not slow (the slowest, T17, takes about
+#: 3 minutes): pytest-timeout fails it with every thread's stack, and the run goes on.
+#: Long mode (``--long``) runs for hours and has no such bound.
+QUICK_TEST_TIMEOUT_S = 600
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--long"):
+        return
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(QUICK_TEST_TIMEOUT_S))

@@ -48,7 +48,7 @@ from typing import Any, Final, Literal
 
 from aiohttp import web
 
-from syncengine import service
+from syncengine import service, tasks
 from syncengine.config import EdgeConfig, parse_listen
 from syncengine.edge import sqlite as edge_sqlite
 from syncengine.edge.link import HubLink
@@ -451,9 +451,7 @@ class EdgeDaemon:
         failure: BaseException | None = None
         main = self._main
         if main is not None:
-            main.cancel()
-            done, _ = await asyncio.wait({main}, timeout=self._stop_timeout_s)
-            if not done:
+            if not await tasks.stop(main, timeout_s=self._stop_timeout_s):
                 log.warning("edge daemon: workers did not stop within %.0f s", self._stop_timeout_s)
             elif not main.cancelled():
                 failure = main.exception()
@@ -640,7 +638,8 @@ class EdgeDaemon:
         while True:
             gate.announce(lane, for_s=2.0)
             try:
-                await asyncio.wait_for(reach.wait_up(), timeout=0.5)
+                async with asyncio.timeout(0.5):
+                    await reach.wait_up()
             except TimeoutError:
                 continue
             gate.announce(lane, for_s=2.0)
@@ -883,7 +882,8 @@ class EdgeDaemon:
         gets the service restarted."""
         while True:
             try:
-                await asyncio.wait_for(self.store.outbox.last_issued(0), timeout=interval_s)
+                async with asyncio.timeout(interval_s):
+                    await self.store.outbox.last_issued(0)
             except TimeoutError:
                 log.warning("edge daemon: the store did not answer within %.0f s", interval_s)
             else:

@@ -283,7 +283,8 @@ class EdgeStore:
         self._closed = True
         try:
             # Let queued writes commit; bounded so a stuck disk cannot hang shutdown forever.
-            await asyncio.wait_for(asyncio.shield(self._queue.join()), timeout=30)
+            async with asyncio.timeout(30):
+                await self._queue.join()
         except TimeoutError:
             log.warning(
                 "closing %s with writes still queued; they were not acknowledged", self.path

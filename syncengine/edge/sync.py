@@ -188,9 +188,8 @@ class PriorityGate:
         while (wait := self.blocked(lane)) > 0:
             async with self._changed:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self._changed.wait(), None if wait == float("inf") else wait
-                    )
+                    async with asyncio.timeout(None if wait == float("inf") else wait):
+                        await self._changed.wait()
 
     @contextlib.asynccontextmanager
     async def claim(self, lane: int) -> AsyncIterator[None]:

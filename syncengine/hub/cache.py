@@ -36,6 +36,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from syncengine import tasks
+
 __all__ = ["Cache"]
 
 log = logging.getLogger(__name__)
@@ -144,9 +146,7 @@ class Cache:
 
     async def close(self) -> None:
         if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+            await tasks.stop(self._listener)  # one cancel() can be lost inside redis-py
             self._listener = None
             self._subscribed = False
         if self._redis is not None:
@@ -162,7 +162,8 @@ class Cache:
         if now < self._open_until:
             return None
         try:
-            result = await asyncio.wait_for(op(self._redis), timeout=self.timeout_s * 2)
+            async with asyncio.timeout(self.timeout_s * 2):
+                result = await op(self._redis)
         except (RedisError, OSError, TimeoutError) as exc:
             # A restarted Redis leaves every idle pooled connection dead: drop them, or each
             # probe would fail on the next one and keep the breaker open a cooldown longer.
@@ -310,6 +311,7 @@ class Cache:
                 self._set_subscribed(False)
             finally:
                 with contextlib.suppress(RedisError, OSError, TimeoutError):
-                    await asyncio.wait_for(pubsub.aclose(), timeout=1.0)  # type: ignore[no-untyped-call]
+                    async with asyncio.timeout(1.0):
+                        await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(delay)
             delay = min(delay * 2, most)

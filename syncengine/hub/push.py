@@ -194,7 +194,8 @@ async def apply_push(
                 ) from None
             # Woken by a commit of this lane here; polled for one in another hub process.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(advanced.wait(), timeout=min(left, GAP_POLL_S))
+                async with asyncio.timeout(min(left, GAP_POLL_S)):
+                    await advanced.wait()
             continue
         if applied.answer.applied:
             _advanced.pop(lane_key, advanced).set()
