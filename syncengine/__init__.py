@@ -7,7 +7,8 @@ reads the imports and keeps this true):
    ``errors``, ``clock``, ``cells``, ``codec``, ``merge``, ``protocol``, ``tiers``,
    ``regions``, ``resources``, ``config``, ``crashpoints``
 2. seams to the machine: ``migrations``, ``devservers``, ``scheduler`` (APScheduler),
-   ``service`` (systemd notifications, log formats), ``bundle`` (store-and-forward files)
+   ``service`` (systemd notifications, log formats), ``bundle`` (store-and-forward files),
+   ``tasks`` (stopping background tasks for certain)
 3. ``edge`` (SQLite store, outbox, sync client) and ``hub`` (PostgreSQL apply and feed,
    nodes, Redis cache, HTTP service) — these two never import each other
 4. ``demo``, ``cli``: on top of everything

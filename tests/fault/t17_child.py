@@ -3,8 +3,8 @@ pause and resume over stdin.
 
 Usage: ``python t17_child.py CONFIG_JSON PREFIX RATE``
 
-Prints ``ready`` once the daemon runs, ``bootstrapped`` once it holds its subscriptions, and one
-line per acknowledged write (``<key>``, only after ``put`` returned) at about RATE writes/s
+Prints ``ready`` once the daemon runs, ``bootstrapped`` once it holds its subscriptions (the
+writers start then), and one line per acknowledged write (``<key>``, only after ``put`` returned) at about RATE writes/s
 across the critical, important and standard cells of ``edge_child.CELLS``. Commands on stdin,
 one a line: ``pause`` stops the writers and prints ``paused`` once no ``put`` is in flight (so
 every acknowledged key was printed before it); ``resume`` starts them again and prints
@@ -37,6 +37,10 @@ async def main(config_json: str, prefix: str, rate: float) -> None:
     config = EdgeConfig.from_mapping(json.loads(config_json))
     running = asyncio.Event()
     running.set()
+    # Writers start once the subscriptions are held: the test waits for ``bootstrapped``
+    # before anything else, and the control's edge, which dies at a crash point in one put
+    # of five, would otherwise die before it ever said so.
+    holding = asyncio.Event()
     in_flight = 0
     async with EdgeDaemon(config, notify=lambda _msg: None) as daemon:
         say("ready")
@@ -45,6 +49,7 @@ async def main(config_json: str, prefix: str, rate: float) -> None:
             while not daemon.health().bootstrapped:
                 await asyncio.sleep(0.05)
             say("bootstrapped")
+            holding.set()
 
         async def commands() -> None:
             while True:
@@ -66,6 +71,7 @@ async def main(config_json: str, prefix: str, rate: float) -> None:
 
         async def writer() -> None:
             nonlocal in_flight
+            await holding.wait()
             for i in counter:
                 await running.wait()
                 cell, collection = CELLS[i % len(CELLS)]

@@ -717,15 +717,27 @@ async def test_t11_control_trusting_a_stale_cache_gives_wrong_reads(
             workers.append(asyncio.create_task(load.reader("c0", "A")))
             await asyncio.sleep(1)
             await nemesis.save()
-            await asyncio.sleep(1)  # batches the old RDB will lack
+            saved = await _head(pg_dsn)
+            # Batches the old RDB will lack: at least a second's worth, and some however
+            # slow the machine (a loaded CI runner once wrote none in that second).
+            await asyncio.sleep(1)
+            deadline = time.monotonic() + 30
+            while await _head(pg_dsn) <= saved and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
             await nemesis.stop()
+            stopped = await _head(pg_dsn)
+            assert stopped > saved, "no batch was written between SAVE and the stop"
             await nemesis.start_stale()
             load.stale_restarts += 1
             recovered = await load.wait_state("ok", RECOVERED_BOUND_S)
             assert recovered is not None, "the hub did not use Redis again after the restart"
             await asyncio.sleep(1)
             head = await _head(pg_dsn)
-            for after in range(0, head, max(1, head // 40)):  # a sweep across the old tail
+            # A sweep across the old tail, and reads that start just before and inside the
+            # hole the stale RDB left (saved..stopped), which a trusting cache skips.
+            hole = [max(0, saved - k) for k in (1, 5, 50, 250)]
+            hole += list(range(saved, stopped, max(1, (stopped - saved) // 10)))
+            for after in [*range(0, head, max(1, head // 40)), *hole]:
                 await load.read_page(
                     "c0",
                     "A",

@@ -21,7 +21,7 @@ CORE = {
     "config",
     "crashpoints",
 }
-SEAMS = {"migrations", "devservers", "scheduler", "service", "bundle"}
+SEAMS = {"migrations", "devservers", "scheduler", "service", "bundle", "tasks"}
 LAYER = {
     **dict.fromkeys(CORE, 1),
     **dict.fromkeys(SEAMS, 2),
