@@ -667,6 +667,9 @@ class EdgeDaemon:
         key = (step, tier)
         if is_transient(exc):
             reach.down(exc, retry_s=self._probe_cap_s())
+            if step == "push":
+                # Its retry goes before any lower lane's next batch, however late it comes.
+                self.syncer.gate.owe(tier.priority)
             self._set_due(key)  # again once the link is back
             return
         if isinstance(exc, AuthenticationError):
@@ -846,7 +849,7 @@ class EdgeDaemon:
 
         def local_commit(lanes: frozenset[int]) -> None:
             if lane in lanes:  # a write of this process: no need to wait for the poll
-                gate.announce(lane)
+                gate.owe(lane)
                 due.set()
 
         conn = await edge_sqlite.connect(
@@ -857,6 +860,7 @@ class EdgeDaemon:
             version = None
             newest = await store.outbox.last_issued(lane)
             if await store.outbox.pending(lane):
+                gate.owe(lane)
                 due.set()
             while True:
                 async with conn.execute("PRAGMA data_version") as cur:
@@ -870,7 +874,7 @@ class EdgeDaemon:
                     issued = int(lanes[0]) - 1 if lanes is not None else newest
                     if issued > newest:
                         newest = issued
-                        gate.announce(lane)
+                        gate.owe(lane)
                         due.set()
                 await asyncio.sleep(self._watch_interval_s)
         finally:

@@ -159,22 +159,34 @@ class PriorityGate:
     A push of lane ``n`` holds :meth:`claim` while it runs; before each batch a push of a
     lower lane (a larger ``n``) waits in :meth:`turn` until no more important lane is
     claimed. So a critical change waits for at most the lower batches already in flight (two:
-    a push keeps one batch ahead of the one it waits on), however large the archive backlog. :meth:`announce` holds the lower lanes for a moment
-    before the push itself starts (the debounce of a critical write), and expires by itself
-    so a push that never comes cannot block them for long.
+    a push keeps one batch ahead of the one it waits on), however large the archive backlog.
+
+    Between pushes, two kinds of hold keep the lower lanes back:
+
+    - :meth:`owe`: the lane has changes waiting for its next push, which is sure to come
+      (the daemon owes a critical write it noticed, and a push that failed for a reason a
+      retry can cure). The hold lasts until that push claims the lane, however long: a
+      lower change never leaves while a more important one waits, whatever the timing of
+      the event loop, the link or the retries.
+    - :meth:`announce`: a push of the lane is coming within a moment (the link is being
+      waited for, a push just ended with changes left); it expires by itself.
+
+    A push that fails for good (the hub refused it) owes nothing: its lane retries on its
+    own schedule, and the lower lanes are not stopped behind a refusal.
     """
 
-    __slots__ = ("_busy", "_changed", "_held_until")
+    __slots__ = ("_busy", "_changed", "_held_until", "_owed")
 
     def __init__(self) -> None:
         self._busy = [0] * len(Tier)
         self._held_until = [0.0] * len(Tier)
+        self._owed = [False] * len(Tier)
         self._changed = asyncio.Condition()
 
     def blocked(self, lane: int) -> float:
         """0 when ``lane`` may send now; otherwise how long (s) to wait at most before
-        looking again (``inf``: until a claim of a more important lane ends)."""
-        if any(self._busy[:lane]):
+        looking again (``inf``: until a push of a more important lane claims or ends)."""
+        if any(self._busy[:lane]) or any(self._owed[:lane]):
             return float("inf")
         now = time.monotonic()
         return max([0.0, *(t - now for t in self._held_until[:lane])])
@@ -182,6 +194,21 @@ class PriorityGate:
     def announce(self, lane: int, *, for_s: float = 1.0) -> None:
         """A push of ``lane`` is coming within ``for_s`` seconds: hold the lower lanes."""
         self._held_until[lane] = max(self._held_until[lane], time.monotonic() + for_s)
+
+    def owe(self, lane: int) -> None:
+        """Changes of ``lane`` wait for its next push: hold the lower lanes until it claims."""
+        self._owed[lane] = True
+
+    def owed(self, lane: int) -> bool:
+        return self._owed[lane]
+
+    async def forgive(self, lane: int) -> None:
+        """Lift what ``lane`` owes (a caller that will not push it now, e.g. a round of
+        other tiers); the next change or failure of the lane owes again."""
+        if self._owed[lane]:
+            self._owed[lane] = False
+            async with self._changed:
+                self._changed.notify_all()
 
     async def turn(self, lane: int) -> None:
         """Wait until ``lane`` may send its next batch."""
@@ -193,14 +220,18 @@ class PriorityGate:
 
     @contextlib.asynccontextmanager
     async def claim(self, lane: int) -> AsyncIterator[None]:
-        """Mark a push of ``lane`` as running (it consumes the lane's announcement).
+        """Mark a push of ``lane`` as running (it consumes the lane's announcement and what
+        it owed).
 
         A push that ends with changes of its lane still to send — announced while it ran,
-        or left behind by a failure — holds the lower lanes as :meth:`announce` does: the
-        lane's next push must not find them sending again (on a slow link the hold of an
-        announcement made during a long push may already have run out)."""
+        or left behind by a failure — holds the lower lanes as :meth:`announce` does, and
+        what was owed while it ran stays owed: the lane's next push must not find them
+        sending again. (Whoever will retry a failed push says so with :meth:`owe`: the
+        daemon does; a caller of :meth:`Syncer.push_lane` that will not retry must not
+        stop the other lanes for good.)"""
         self._busy[lane] += 1
         self._held_until[lane] = 0.0
+        self._owed[lane] = False
         failed = True
         try:
             yield
@@ -525,11 +556,11 @@ class Syncer:
     async def _push_lane_body(self, lane: int, tally: _Tally) -> int:
         tier = Tier.from_priority(lane)
         outbox = self.store.outbox
-        if not self._seqs_checked and await outbox.pending(lane):
-            # Once per syncer, before the first push: a new file of a node whose store was
-            # lost must number its changes after what the hub holds (see learn_config).
-            await self.learn_config()
         async with self._push_locks[lane], self.gate.claim(lane):
+            if not self._seqs_checked and await outbox.pending(lane):
+                # Once per syncer, before the first push: a new file of a node whose store
+                # was lost must number its changes after what the hub holds (learn_config).
+                await self.learn_config()
             # Changes written while we push wait for the next call: a busy lane cannot
             # starve the lanes (and pulls) after it in a round.
             stop_after = await outbox.last_issued(lane)
@@ -984,6 +1015,10 @@ class Syncer:
             except SyncError as exc:
                 errors.append(self._failed("bootstrap", None, exc))
                 link_down = is_transient(exc)
+        for tier in Tier:
+            if tier not in wanted:
+                # Lanes this round does not push hold nothing back: the caller chose them.
+                await self.gate.forgive(tier.priority)
         for tier in wanted if not link_down else ():
             try:
                 await self._push_lane(tier.priority, tally)

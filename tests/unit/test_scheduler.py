@@ -9,6 +9,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from syncengine.edge.sync import PriorityGate
+from syncengine.errors import LinkError, ValidationError
 from syncengine.scheduler import Scheduler
 
 LAGOS = ZoneInfo("Africa/Lagos")
@@ -108,3 +109,50 @@ async def test_an_announcement_holds_lower_lanes_briefly_and_expires() -> None:
     async with gate.claim(0):  # the push came: the claim replaces the announcement
         assert gate.blocked(1) == float("inf")
     assert gate.blocked(1) == 0
+
+
+async def test_owed_lanes_hold_lower_lanes_until_their_next_push() -> None:
+    """No timer lets a lower lane through: the hold lasts until the owing lane's next push
+    claims it, however late that is (a link that came back, a busy loop)."""
+    gate = PriorityGate()
+    with pytest.raises(LinkError):
+        async with gate.claim(0):
+            raise LinkError("the link dropped", code="link_error")
+    gate.owe(0)  # the daemon will retry it
+    assert gate.owed(0) and gate.blocked(1) == float("inf") and gate.blocked(0) == 0
+    waiter = asyncio.ensure_future(gate.turn(1))
+    await asyncio.sleep(1.2)  # longer than any announcement
+    assert not waiter.done()
+    async with gate.claim(0):  # the retry
+        await asyncio.sleep(0.01)
+        assert not waiter.done()
+    await asyncio.wait_for(waiter, 1.0)
+    assert not gate.owed(0)
+
+
+async def test_a_failed_push_nobody_owes_holds_lower_lanes_only_briefly() -> None:
+    """A caller of push_lane that will not retry does not stop the other lanes for good."""
+    gate = PriorityGate()
+    with pytest.raises(ValidationError):
+        async with gate.claim(0):
+            raise ValidationError("bad change", code="invalid_change")
+    assert not gate.owed(0)
+    assert 0 < gate.blocked(1) <= 1.0
+
+
+async def test_owed_changes_hold_lower_lanes_until_claimed_or_forgiven() -> None:
+    gate = PriorityGate()
+    gate.owe(0)
+    assert gate.blocked(2) == float("inf")
+    waiter = asyncio.ensure_future(gate.turn(2))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    await gate.forgive(0)  # a round of other tiers: it does not wait for lane 0
+    await asyncio.wait_for(waiter, 1.0)
+    gate.owe(1)
+    async with gate.claim(1):
+        assert not gate.owed(1)
+    gate.owe(1)  # written while the push ran: owed again after it
+    async with gate.claim(1):
+        gate.owe(1)
+    assert gate.owed(1)
