@@ -1,19 +1,31 @@
 """A region's fleet against one hub: N edges writing, pushing and pulling at once.
 
     .venv/bin/python benchmarks/fleet.py [--edges N] [--rate R] [--seconds S] [--workers W]
-                                         [--json]
+                                         [--important-s I] [--json]
 
 N light edges (default 1,000), each with its own SQLite store, share W worker processes
 (default 2; one event loop each, one aiohttp session per process) and talk to one hub process
 on loopback. Each edge writes R changes/s (default 10) for S seconds with a realistic mix:
 5% critical alerts, 60% important stock, 35% standard visits, each in its own clinic's cells.
 Subscriptions overlap: an edge pulls its own cells and the stock of the ten clinics of its
-district. Every ``--round`` seconds (default 1) each edge pushes every lane and pulls every
-tier, as the daemon's rounds do, compressed.
+district.
 
-When writes stop, the edges go on until they have converged: every outbox empty and every
-edge's cursors at the feed head as it stood once the last push landed. Then every edge holds
-an idle long-poll (with the interval tiers watched, as the daemon does) for a while.
+Each edge follows the edge daemon's schedule under the default tier table (the requests a
+daemon makes, without its process around them):
+
+- critical: pushed on write, after the 50 ms debounce;
+- important: pushed every ``--important-s`` seconds (default 60, the tier's
+  ``push_interval_s``), each edge at its own phase;
+- standard: pushed daily in the off-peak window, so not while the benchmark writes;
+- pulls: one live long-poll of the critical tier (``long_poll_s`` 25 s) watching the
+  important and standard tiers; when the hub says one of them holds changes for the edge,
+  that tier is pulled at once, as the daemon does.
+
+When writes stop, every edge runs sync rounds (what ``syncengine edge sync --now`` runs)
+until it has converged: its outbox empty and its cursors at the feed head as it stood once
+the last push landed. The time from the last write to the last edge converged is
+reported. Then every edge holds an idle long-poll for a while: the bytes of one idle
+exchange.
 
 Prints the hub's throughput, p50/p99 push and pull latency (per request), the time to
 converge after writes stop, the hub's peak RSS, the most PostgreSQL connections used, the
@@ -83,30 +95,83 @@ class TimedLink(HubLink):
         return result
 
 
-async def _edge_rounds(
-    syncer: Syncer, stop: asyncio.Event, round_s: float, rng: random.Random
-) -> None:
-    await asyncio.sleep(rng.uniform(0, round_s))  # edges are not in step
-    while not stop.is_set():
-        began = time.monotonic()
+#: The default tier table's figures the schedule follows (tiers/*.toml).
+DEBOUNCE_S = 0.05
+LONG_POLL_S = 25.0
+#: After a failed request, an edge waits this long before its next one of that kind.
+RETRY_S = 1.0
+
+
+class Schedule:
+    """One edge's requests, as its daemon would make them (module docstring)."""
+
+    def __init__(self, syncer: Syncer, *, important_s: float, rng: random.Random) -> None:
+        self.syncer = syncer
+        self.important_s = important_s
+        self.rng = rng
+        self.critical_written = asyncio.Event()
+        self.errors: dict[str, int] = {}
+
+    def run(self) -> list[asyncio.Task[None]]:
+        return [
+            asyncio.create_task(self._critical_pushes()),
+            asyncio.create_task(self._important_pushes()),
+            asyncio.create_task(self._live_pull()),
+        ]
+
+    async def _attempt(self, what: Callable[[], Awaitable[object]]) -> None:
         try:
-            for lane in range(3):
-                await syncer.push_lane(lane)
-            for tier in (Tier.CRITICAL, Tier.IMPORTANT, Tier.STANDARD):
-                await syncer.pull_tier(tier)
+            await what()
         except SyncError as exc:
-            print(f"{syncer.store.node_id}: {exc.code}: {exc.message}", file=sys.stderr)
-        await asyncio.sleep(max(0.0, round_s - (time.monotonic() - began)))
+            if exc.code not in self.errors:
+                print(f"{self.syncer.store.node_id}: {exc.code}: {exc.message}", file=sys.stderr)
+            self.errors[exc.code] = self.errors.get(exc.code, 0) + 1
+            await asyncio.sleep(RETRY_S)
+
+    async def _critical_pushes(self) -> None:
+        while True:
+            await self.critical_written.wait()
+            await asyncio.sleep(DEBOUNCE_S)
+            self.critical_written.clear()
+            await self._attempt(lambda: self.syncer.push_lane(Tier.CRITICAL.priority))
+
+    async def _important_pushes(self) -> None:
+        await asyncio.sleep(self.rng.uniform(0, self.important_s))  # each edge its own phase
+        while True:
+            began = time.monotonic()
+            await self._attempt(lambda: self.syncer.push_lane(Tier.IMPORTANT.priority))
+            await asyncio.sleep(max(0.0, self.important_s - (time.monotonic() - began)))
+
+    async def _live_pull(self) -> None:
+        watch = (Tier.IMPORTANT, Tier.STANDARD)
+        while True:
+            due: frozenset[Tier] = frozenset()
+
+            async def poll() -> None:
+                nonlocal due
+                result = await self.syncer.live_pull(Tier.CRITICAL, wait_s=LONG_POLL_S, watch=watch)
+                due = result.due
+
+            await self._attempt(poll)
+            for tier in sorted(due, key=lambda t: t.priority):
+                await self._attempt(lambda t=tier: self.syncer.pull_tier(t))
+
+
+async def _drained(syncer: Syncer) -> bool:
+    return sum(s.depth for s in await syncer.store.outbox.status()) == 0
 
 
 async def _converged(syncer: Syncer, head: int) -> bool:
-    depth = sum(s.depth for s in await syncer.store.outbox.status())
     cursors = [await syncer.store.cursor(f"pull:{t.value}") for t in Tier if t is not Tier.ARCHIVE]
-    return depth == 0 and min(cursors) >= head
+    return await _drained(syncer) and min(cursors) >= head
 
 
-async def _all_converged(edges: list[tuple[int, Syncer]], head: int) -> bool:
-    return all([await _converged(s, head) for _, s in edges])
+async def _sync_until(syncer: Syncer, done: Callable[[], Awaitable[bool]]) -> None:
+    """Sync rounds (``edge sync --now``) until ``done``."""
+    while not await done():
+        report = await syncer.sync_once(tiers=[Tier.CRITICAL, Tier.IMPORTANT, Tier.STANDARD])
+        if report.errors:
+            await asyncio.sleep(RETRY_S)
 
 
 async def _until(check: Callable[[], bool | Awaitable[bool]], every: float = 0.05) -> None:
@@ -141,8 +206,10 @@ async def _worker_main(job: dict[str, Any], shared: dict[str, Any]) -> dict[str,
         shared["ready"].release()
         await _until(lambda: shared["start"].value > 0)
         stop_at = shared["start"].value + job["seconds"]
-        stop = asyncio.Event()
-        rounds = [asyncio.create_task(_edge_rounds(s, stop, job["round_s"], rng)) for _, s in edges]
+        schedules = {
+            i: Schedule(s, important_s=job["important_s"], rng=random.Random(i)) for i, s in edges
+        }
+        tasks = [t for sch in schedules.values() for t in sch.run()]
         tick = 0.1
         per_tick = job["rate"] * tick
         carry = 0.0
@@ -159,6 +226,7 @@ async def _worker_main(job: dict[str, Any], shared: dict[str, Any]) -> dict[str,
                     roll = rng.random()
                     if roll < 0.05:
                         puts.append(syncer.store.put(alerts, "alerts", f"a{n % 50}", {"level": n}))
+                        schedules[i].critical_written.set()
                     elif roll < 0.65:
                         puts.append(syncer.store.put(stock, "stock", f"i{n % 200}", {"qty": n}))
                     else:
@@ -166,15 +234,21 @@ async def _worker_main(job: dict[str, Any], shared: dict[str, Any]) -> dict[str,
             await asyncio.gather(*puts)
             writes += len(puts)
             await asyncio.sleep(max(0.0, tick - (time.monotonic() - began)))
-        # Writes stopped: drain, then converge on the head once every worker has drained.
-        await _until(lambda: _all_converged(edges, 0))
+        # Writes stopped: every edge syncs now (all tiers, the standard one included) until
+        # its outbox is empty, then until its cursors reach the head once all have pushed.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(_sync_until(s, lambda s=s: _drained(s)) for _, s in edges))
         shared["drained"].release()
         await _until(lambda: shared["head"].value >= 0)
         head = shared["head"].value
-        await _until(lambda: _all_converged(edges, head))
+        await asyncio.gather(*(_sync_until(s, lambda s=s: _converged(s, head)) for _, s in edges))
         converged_at = time.time()
-        stop.set()
-        await asyncio.gather(*rounds)
+        errors: dict[str, int] = {}
+        for sch in schedules.values():
+            for code, n in sch.errors.items():
+                errors[code] = errors.get(code, 0) + n
         # Idle: every edge holds a long-poll watching the interval tiers.
         sent0 = sum(s.link.bytes_sent + s.link.bytes_received for _, s in edges)
         polls = await asyncio.gather(
@@ -193,6 +267,7 @@ async def _worker_main(job: dict[str, Any], shared: dict[str, Any]) -> dict[str,
         "converged_at": converged_at,
         "idle_exchanges": len(polls),
         "idle_bytes": idle_bytes,
+        "errors": errors,
     }
 
 
@@ -219,9 +294,20 @@ async def main() -> None:
     )
     parser.add_argument("--edges", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=10.0, help="changes/s per edge")
-    parser.add_argument("--seconds", type=float, default=30.0, help="how long edges write")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=60.0,
+        help="how long edges write (default 60: one important push interval)",
+    )
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--round", dest="round_s", type=float, default=1.0)
+    parser.add_argument(
+        "--important-s",
+        dest="important_s",
+        type=float,
+        default=60.0,
+        help="the important tier's push_interval_s (default 60, as tiers/important.toml)",
+    )
     parser.add_argument("--idle-wait", dest="idle_wait_s", type=float, default=5.0)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -248,7 +334,7 @@ async def main() -> None:
                     "dir": tmp,
                     "url": bench.url,
                     "rate": args.rate,
-                    "round_s": args.round_s,
+                    "important_s": args.important_s,
                     "idle_wait_s": args.idle_wait_s,
                     "seed": w,
                     "seconds": args.seconds,
@@ -300,6 +386,7 @@ async def main() -> None:
         "idle_payload_bytes_per_exchange": round(idle),
         "idle_payload_bytes_per_edge_per_day": round(idle * DAY_S / DEFAULT_LONG_POLL_IDLE_S),
         "raw_copy_rows_per_s": round(copy),
+        "failed_requests": sum(n for r in results for n in r["errors"].values()),
     }
     if args.json:
         print(json.dumps(result))
