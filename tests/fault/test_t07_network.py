@@ -45,6 +45,7 @@ Scale: quick mode runs :data:`FAULT_S` = 120 s of faults with black holes of up 
 (the plan says 10 min and up to 10 min; this is the CI budget), long mode the plan's 50
 edges for 2 h with holes of up to 10 min. Tier intervals are short (critical retry 2 s,
 important 5 s, standard 10 s with no off-peak wait), so the convergence target is 20 s.
+``SYNCENGINE_T7_FAULT_S`` sets another length of faults (a long-mode replay in 30 min, say).
 Links are shaped by the userspace proxy only, per connection (no ``tc tbf``: see
 :mod:`fault.profiles`).
 
@@ -60,6 +61,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import os
 import random
 import sqlite3
 import statistics
@@ -116,7 +118,8 @@ EDGES: Final = pick(10, 50)
 #: Edges are split in groups: an edge writes its group's cells and subscribes to them, so it
 #: holds (and pulls) what every edge of its group writes. Quick mode: one group of ten.
 GROUPS: Final = pick(1, 10)
-FAULT_S: Final = pick(120.0, 7200.0)
+#: ``SYNCENGINE_T7_FAULT_S`` shortens (or lengthens) it for a replay of one mode's schedule.
+FAULT_S: Final = float(os.environ.get("SYNCENGINE_T7_FAULT_S") or pick(120.0, 7200.0))
 #: Black holes of the nemesis (plan: 5 s - 10 min; quick mode stops at one minute).
 HOLE_S: Final = pick((5.0, 60.0), (5.0, 600.0))
 OFFLINE: Final = pick(PROFILES["offline"], offline_profile((60, 600), (60, 300)))
