@@ -667,8 +667,10 @@ class EdgeDaemon:
         key = (step, tier)
         if is_transient(exc):
             reach.down(exc, retry_s=self._probe_cap_s())
-            if step == "push":
-                # Its retry goes before any lower lane's next batch, however late it comes.
+            if step == "push" and not policy.offpeak_only:
+                # Its retry (once the link is back) goes before any lower lane's next
+                # batch, however late it comes. A tier that waits for its window does not
+                # hold the others until then.
                 self.syncer.gate.owe(tier.priority)
             self._set_due(key)  # again once the link is back
             return
@@ -846,11 +848,20 @@ class EdgeDaemon:
         due = self._due[("push", Tier.CRITICAL)]
         gate = self.syncer.gate
         lane = Tier.CRITICAL.priority
+        policy = self.policies[Tier.CRITICAL]
+        # A critical write owes its push (holds the lower lanes until it) only where that
+        # push comes at once: a tier table that makes critical wait for a window or an
+        # interval must not stop the other lanes meanwhile.
+        pushed_at_once = policy.push_mode is PushMode.ON_WRITE and not policy.offpeak_only
+
+        def owe() -> None:
+            if pushed_at_once:
+                gate.owe(lane)
+            due.set()
 
         def local_commit(lanes: frozenset[int]) -> None:
             if lane in lanes:  # a write of this process: no need to wait for the poll
-                gate.owe(lane)
-                due.set()
+                owe()
 
         conn = await edge_sqlite.connect(
             store.path, busy_timeout_ms=self.config.busy_timeout_ms, readonly=True
@@ -860,8 +871,7 @@ class EdgeDaemon:
             version = None
             newest = await store.outbox.last_issued(lane)
             if await store.outbox.pending(lane):
-                gate.owe(lane)
-                due.set()
+                owe()
             while True:
                 async with conn.execute("PRAGMA data_version") as cur:
                     row = await cur.fetchone()
@@ -874,8 +884,7 @@ class EdgeDaemon:
                     issued = int(lanes[0]) - 1 if lanes is not None else newest
                     if issued > newest:
                         newest = issued
-                        gate.owe(lane)
-                        due.set()
+                        owe()
                 await asyncio.sleep(self._watch_interval_s)
         finally:
             forget()
