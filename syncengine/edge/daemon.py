@@ -450,11 +450,10 @@ class EdgeDaemon:
         self._scheduler.shutdown()
         failure: BaseException | None = None
         main = self._main
-        if main is not None:
-            if not await tasks.stop(main, timeout_s=self._stop_timeout_s):
-                log.warning("edge daemon: workers did not stop within %.0f s", self._stop_timeout_s)
-            elif not main.cancelled():
-                failure = main.exception()
+        # tasks.stop logs a task (edge-daemon-<node>) that outlives its bound.
+        stopped = main is not None and await tasks.stop(main, timeout_s=self._stop_timeout_s)
+        if stopped and main is not None and not main.cancelled():
+            failure = main.exception()
         await self._stack.aclose()
         log.info("edge daemon stopped")
         if failure is not None:
