@@ -46,7 +46,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from hypothesis import HealthCheck, Phase, given, note, seed, settings
+from hypothesis import HealthCheck, Phase, example, given, note, seed, settings
 from hypothesis import strategies as st
 
 from fault.harness import SEED, Summary, pick
@@ -768,10 +768,27 @@ class Law:
     name: str
     strategy: st.SearchStrategy[Any]
     check: Callable[[Any], None]
+    #: Cases run before any drawn one, every run, whatever the seed (Hypothesis's explicit phase).
+    explicit: tuple[Any, ...] = ()
+
+
+def tie_case(resolver: str) -> LawCase:
+    """Two nodes write one field with one hlc, and two replicas each see one of them first:
+    the case a merge without the node tie-break gets wrong. Drawn histories reach it only by
+    chance, so it runs explicitly and the negative control's verdict does not hang on the seed."""
+    value = 7 if resolver in AGGREGATES else "from-a"
+    other = 8 if resolver in AGGREGATES else "from-b"
+    a, b = (
+        merge.Change(
+            cell=CELL, collection=COLLECTION, key=KEY, hlc=5, node=node, fields={"x": v}, seq=1
+        )
+        for node, v in (("a", value), ("b", other))
+    )
+    return LawCase([a, b], ([a, b], [b, a], [b]), (0, 1))
 
 
 def laws() -> list[Law]:
-    out = [Law(f"merge:{r}", law_cases(r), replica_laws(r)) for r in RESOLVERS]
+    out = [Law(f"merge:{r}", law_cases(r), replica_laws(r), (tie_case(r),)) for r in RESOLVERS]
     out += [
         Law("tombstones", tomb_cases(), tombstones),
         Law("counter:deliveries", counter_cases(), counter_deliveries),
@@ -800,15 +817,17 @@ def run_law(law: Law, examples: int, *, shrink: bool = True) -> tuple[int, str |
         print_blob=True,
     )
     @given(law.strategy)
-    def prop(example: Any) -> None:
+    def prop(case: Any) -> None:
         nonlocal ran
         ran += 1
         try:
-            law.check(example)
+            law.check(case)
         except Exception:
-            note(f"decoded example: {example!r}")
+            note(f"decoded example: {case!r}")
             raise
 
+    for case in law.explicit:
+        prop = example(case)(prop)
     try:
         prop()
     except Exception as exc:
