@@ -12,8 +12,8 @@ from a lost one and the changes behind it are never blocked.
 
 from __future__ import annotations
 
-import asyncio
 import json
+import sqlite3
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +23,7 @@ import aiosqlite
 import msgpack
 
 from syncengine.codec import encode
+from syncengine.edge import sqlite as db
 from syncengine.errors import SequenceError, ValidationError
 from syncengine.merge import BaseStamp, Change, base_stamps
 from syncengine.tiers import Tier
@@ -124,8 +125,6 @@ class Outbox:
 
     def __init__(self, store: EdgeStore) -> None:
         self._store = store
-        # The read connection is shared; only one snapshot transaction may be open on it.
-        self._snapshot = asyncio.Lock()
 
     async def next_batch(
         self,
@@ -141,39 +140,35 @@ class Outbox:
         whole queue batch by batch, as a bundle export does). Reads one consistent snapshot.
         """
         wanted = sorted(lanes) if lanes is not None else [0, 1, 2, 3]
-        reader = self._store._reader
-        async with self._snapshot:
-            await reader.execute("BEGIN")
-            try:
-                return await self._scan_lanes(reader, wanted, limit, after or {})
-            finally:
-                await reader.execute("COMMIT")
+        store = self._store
+        return await db.read_snapshot(
+            store._reader, store.path, self._scan_lanes, store.node_id, wanted, limit, after or {}
+        )
 
-    async def _scan_lanes(
-        self,
-        reader: aiosqlite.Connection,
+    @staticmethod
+    def _scan_lanes(
+        conn: sqlite3.Connection,
+        node_id: str,
         wanted: Sequence[int],
         limit: int,
         start: Mapping[int, int],
     ) -> OutboxBatch | None:
-        store = self._store
+        """On the read connection's thread, inside its snapshot."""
         acked: dict[int, int] = {
             lane: max(seq, start.get(lane, 0))
-            for lane, seq in await reader.execute_fetchall("SELECT lane, acked_seq FROM lanes")
+            for lane, seq in conn.execute("SELECT lane, acked_seq FROM lanes")
         }
         for lane in wanted:
             after = acked[lane]
-            rows = list(
-                await reader.execute_fetchall(
-                    "SELECT seq, cell, collection, key, hlc, payload FROM outbox "
-                    "WHERE lane = ? AND seq > ? ORDER BY seq LIMIT ?",
-                    (lane, after, limit),
-                )
-            )
+            rows = conn.execute(
+                "SELECT seq, cell, collection, key, hlc, payload FROM outbox "
+                "WHERE lane = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (lane, after, limit),
+            ).fetchall()
             top = rows[-1][0] if len(rows) == limit else None
             skipped = [
                 seq
-                for (seq,) in await reader.execute_fetchall(
+                for (seq,) in conn.execute(
                     "SELECT seq FROM dead_letters WHERE lane = ? AND seq > ? "
                     "AND (? IS NULL OR seq < ?) ORDER BY seq",
                     (lane, after, top, top),
@@ -181,7 +176,7 @@ class Outbox:
             ]
             if not rows and not skipped:
                 continue
-            changes = [queued_change(store.node_id, lane, row) for row in rows]
+            changes = [queued_change(node_id, lane, row) for row in rows]
             last = max([c.seq for c in changes] + skipped)
             return OutboxBatch(
                 lane=lane, first_seq=after + 1, last_seq=last, changes=changes, skipped=skipped

@@ -218,6 +218,11 @@ async def transaction(
                 raise translate(exc, path) from None
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 0.25)
+        except asyncio.CancelledError:
+            # The BEGIN runs on the connection's thread whether or not we wait for it:
+            # end it, or the connection stays inside a transaction no one will close.
+            await asyncio.shield(_rollback(conn, path))
+            raise
     try:
         result = await body()
         try:
@@ -236,11 +241,18 @@ async def transaction(
 
 
 async def _rollback(conn: aiosqlite.Connection, path: Path) -> None:
+    """Roll back whatever transaction is open once the statements queued before have run
+    (checked on the connection's thread: a BEGIN still queued counts)."""
     try:
-        if conn.in_transaction:
-            await conn.execute("ROLLBACK")
+        await conn._execute(_rollback_on_thread, conn)  # type: ignore[no-untyped-call]
     except (sqlite3.Error, ValueError) as exc:  # ValueError: connection already closed
         log.warning("rollback on %s failed: %s", path, exc)
+
+
+def _rollback_on_thread(conn: aiosqlite.Connection) -> None:
+    raw = conn._conn
+    if raw.in_transaction:
+        raw.execute("ROLLBACK")
 
 
 async def run_transaction(
@@ -266,6 +278,37 @@ async def run_transaction(
         raise translate(exc, path) from None
     _check_durable(path)
     return result
+
+
+async def read_snapshot(
+    conn: aiosqlite.Connection,
+    path: Path,
+    body: Callable[..., T],
+    *args: Any,
+) -> T:
+    """Run ``body(raw_sqlite3_connection, *args)`` inside one read transaction (``BEGIN``
+    … ``COMMIT``), entirely on ``conn``'s worker thread: the statements see one snapshot.
+
+    One queued call, so a caller cancelled while it waits cannot leave the transaction open
+    on the shared connection, as separate ``BEGIN`` and ``COMMIT`` awaits could: the next
+    reader's ``BEGIN`` would fail with "cannot start a transaction within a transaction",
+    for good.
+    """
+    try:
+        result: T = await conn._execute(_snapshot_on_thread, conn, body, *args)  # type: ignore[no-untyped-call]
+    except sqlite3.Error as exc:
+        raise translate(exc, path) from None
+    return result
+
+
+def _snapshot_on_thread(conn: aiosqlite.Connection, body: Callable[..., T], *args: Any) -> T:
+    raw = conn._conn  # on the connection's own thread
+    raw.execute("BEGIN")
+    try:
+        return body(raw, *args)
+    finally:
+        if raw.in_transaction:
+            raw.execute("COMMIT")  # read-only: COMMIT just ends the snapshot
 
 
 def _transaction_on_thread(conn: aiosqlite.Connection, body: Callable[..., T], *args: Any) -> T:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final, Literal, Protocol
 
-from syncengine import crashpoints
+from syncengine import crashpoints, tasks
 from syncengine.cells import covers, covers_any, parse_prefix
 from syncengine.clock import hlc_millis
 from syncengine.edge.link import INVALID_RESPONSE, HubLink
@@ -570,6 +570,7 @@ class Syncer:
             # Pipelining: while a batch is in flight the next one is read, encoded and sent
             # (the hub applies them in seq order), so neither side waits on the other.
             ahead: tuple[OutboxBatch, asyncio.Task[PushAnswer]] | None = None
+            sent: asyncio.Task[PushAnswer] | None = None
             try:
                 while True:
                     await self.gate.turn(lane)
@@ -640,7 +641,11 @@ class Syncer:
                             answer.conflicts,
                         )
             finally:
+                # Cancelled or failed while a push was in flight (reading the batch behind
+                # it, say): the push must not run on outside the lane's turn.
                 await _drop(ahead)
+                if sent is not None:
+                    await _abandon(sent)
 
     async def _reject(
         self, batch: OutboxBatch, exc: SyncError, cap: int | None, tally: _Tally
@@ -1187,12 +1192,20 @@ class Syncer:
 async def _drop(ahead: tuple[OutboxBatch, asyncio.Task[PushAnswer]] | None) -> None:
     """Give up a pipelined push: whether it reached the hub or not, its batch is still in
     the outbox and is sent again (a replay the hub answers as the first time)."""
-    if ahead is None:
-        return
-    task = ahead[1]
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, SyncError):
-        await task
+    if ahead is not None:
+        await _abandon(ahead[1])
+
+
+async def _abandon(push: asyncio.Task[PushAnswer]) -> None:
+    """Stop a push task (done already or not) and take its outcome, so that it neither
+    runs on nor leaves an exception no one retrieved. The caller's own cancellation is
+    not swallowed (``tasks.stop`` waits without raising the task's outcome). A failure
+    other than a :class:`SyncError` is a bug and is raised."""
+    await tasks.stop(push)
+    if push.done() and not push.cancelled():
+        exc = push.exception()
+        if exc is not None and not isinstance(exc, SyncError):
+            raise exc
 
 
 def _priority(tier: Tier) -> int:

@@ -36,7 +36,7 @@ from syncengine import crashpoints
 from syncengine.codec import encode
 from syncengine.edge.link import INVALID_RESPONSE, HubLink
 from syncengine.edge.outbox import OutboxBatch
-from syncengine.edge.sync import Syncer
+from syncengine.edge.sync import BatchSizer, Syncer
 from syncengine.errors import (
     AuthenticationError,
     DecodeError,
@@ -328,7 +328,9 @@ async def test_a_long_poll_watches_other_tiers_and_carries_the_config_tag(
         assert page.cfg == hub.hub.config_tag and page.watched == {} and page.due == []
         with pytest.raises(InvalidInputError) as bad:
             await waiter.link._call(
-                "GET", "v1/pull", timeout_s=5,
+                "GET",
+                "v1/pull",
+                timeout_s=5,
                 params=[("tier", "critical"), ("watch", "important"), ("prefix", CELL)],
             )
         assert bad.value.code == "invalid_param" and "TIER:CURSOR" in bad.value.message
@@ -652,3 +654,44 @@ async def test_answers_that_are_not_the_hubs_are_never_rejections(tmp_path: Path
             assert (await e.store.outbox.status())[2].depth == 1
     finally:
         await runner.cleanup()
+
+
+async def test_a_push_cancelled_while_reading_the_next_batch_leaves_nothing_running(
+    hub: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lane's push is cancelled (its caller timed out, the daemon stops) while it reads the
+    batch behind the one in flight. The request in flight is stopped with it, not left to run
+    outside the lane's turn with an error no one reads; the next push sends what is left,
+    once."""
+    token = await hub.add_node("edge-c", CELL)
+    async with AsyncExitStack() as stack:
+        e = await stack.enter_async_context(
+            edge(stack, tmp_path, "edge-c", hub.url, token, sizer=BatchSizer(start=10))
+        )
+        for i in range(50):
+            await e.store.put(CELL, "visits", f"k{i}", {"f0": i})
+        reading_ahead = asyncio.Event()
+        real_next_batch = e.store.outbox.next_batch
+
+        async def slow_read_ahead(**kw: Any) -> OutboxBatch | None:
+            if kw.get("after"):
+                reading_ahead.set()
+                await asyncio.sleep(30)
+            return await real_next_batch(**kw)
+
+        monkeypatch.setattr(e.store.outbox, "next_batch", slow_read_ahead)
+        push = asyncio.create_task(e.syncer.push_lane(Tier.STANDARD.priority))
+        await asyncio.wait_for(reading_ahead.wait(), 10)
+        push.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await push
+        left = [
+            t
+            for t in asyncio.all_tasks()
+            if getattr(t.get_coro(), "__qualname__", "") == "HubLink.push" and not t.done()
+        ]
+        assert left == []
+        monkeypatch.undo()
+        assert await e.syncer.push_lane(Tier.STANDARD.priority) > 0
+        assert (await e.store.outbox.status())[Tier.STANDARD.priority].depth == 0
+        assert await feed_count(hub) == 50

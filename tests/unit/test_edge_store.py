@@ -4,6 +4,7 @@ pull pages applied atomically, bad input refused with nothing written."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import sqlite3
@@ -133,6 +134,51 @@ async def test_dead_letter_is_kept_and_skipped_without_blocking(tmp_path: Path) 
         await store.outbox.dead_letter(2, 8, code="x", message="y")
         batch = await store.outbox.next_batch(limit=1)
         assert batch is not None and batch.skipped == [] and batch.last_seq == 6
+
+
+async def test_a_batch_read_cancelled_midway_leaves_no_transaction_open(tmp_path: Path) -> None:
+    """Callers are cancelled (a push timing out, a daemon stopping) at any await. A batch read
+    cancelled after its BEGIN and before its COMMIT must not leave the shared read connection
+    inside a transaction: every later read would fail with "cannot start a transaction
+    within a transaction", and the lane would never push again."""
+    async with open_store(tmp_path / "edge.db") as store:
+        for i in range(20):
+            await store.put(CELL, "c", f"k{i}", {"i": i})
+        for delay_loops in range(12):  # cancel at every point of the read, in turn
+            task = asyncio.create_task(store.outbox.next_batch(limit=5))
+            for _ in range(delay_loops):
+                await asyncio.sleep(0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        reads = await asyncio.gather(*(store.outbox.next_batch(limit=5) for _ in range(8)))
+        assert all(b is not None and [c.seq for c in b.changes] == [1, 2, 3, 4, 5] for b in reads)
+        assert not store._reader.in_transaction
+
+
+async def test_a_transaction_cancelled_at_its_begin_leaves_none_open(tmp_path: Path) -> None:
+    """The same for write transactions: a cancel that lands while BEGIN IMMEDIATE is queued
+    on the connection's thread rolls it back once it has run, so the next one can begin."""
+    path = tmp_path / "t.db"
+    conn = await edge_sqlite.connect(path, busy_timeout_ms=1000)
+    try:
+        await conn.execute("CREATE TABLE t (v INTEGER)")
+
+        async def insert() -> None:
+            await conn.execute("INSERT INTO t VALUES (1)")
+
+        for delay_loops in range(8):
+            task = asyncio.create_task(edge_sqlite.transaction(conn, path, insert))
+            for _ in range(delay_loops):
+                await asyncio.sleep(0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await edge_sqlite.transaction(conn, path, insert)
+        assert not conn.in_transaction
+    finally:
+        await conn.close()
+    assert raw(path, "SELECT count(*) FROM t")[0][0] >= 1
 
 
 async def test_group_commit_shares_transactions(tmp_path: Path) -> None:
