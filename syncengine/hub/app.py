@@ -200,6 +200,22 @@ class Hub:
                 raise
         except asyncio.CancelledError:
             raise
+        except ConnectionResetError:
+            # The client went away mid-request (a link that dropped, a request it timed out):
+            # nothing was applied that it will not replay. The answer goes nowhere (aiohttp
+            # drops a response to a closed connection quietly); its status, 499 as proxies
+            # log it, keeps the drop apart from the hub's own failures in the metrics.
+            self.metrics.errors.labels(code="client_disconnected").inc()
+            log.debug("%s %s: the client disconnected mid-request", request.method, request.path)
+            response = self._error_response(
+                request,
+                499,
+                {
+                    "error": "client_disconnected",
+                    "message": "the client closed the connection before its request was read",
+                    "detail": {},
+                },
+            )
         except Exception:
             log.exception("unhandled error on %s %s", request.method, request.path)
             self.metrics.errors.labels(code="internal_error").inc()

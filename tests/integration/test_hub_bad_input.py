@@ -10,8 +10,13 @@ what needs more than one request or a change behind the hub's back.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import socket
+import struct
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import msgpack
@@ -35,16 +40,26 @@ def now_hlc(offset_ms: int = 0) -> int:
 T0 = now_hlc()
 
 
-def good_push(node: str = "node-a", *, first: int = 1, n: int = 2, cell: str = CELL,
-              hlc_offset_ms: int = 0) -> dict[str, Any]:
+def good_push(
+    node: str = "node-a", *, first: int = 1, n: int = 2, cell: str = CELL, hlc_offset_ms: int = 0
+) -> dict[str, Any]:
     base = now_hlc(hlc_offset_ms) if hlc_offset_ms else T0
     changes = [
-        Change(cell=cell, collection="visits", key=f"k{first + i}", hlc=base + first + i,
-               node=node, fields={"v": i}, lane=2, seq=first + i)
+        Change(
+            cell=cell,
+            collection="visits",
+            key=f"k{first + i}",
+            hlc=base + first + i,
+            node=node,
+            fields={"v": i},
+            lane=2,
+            seq=first + i,
+        )
         for i in range(n)
     ]
-    return encode_push(PushBatch(node=node, lane=2, first_seq=first, last_seq=first + n - 1,
-                                 changes=changes))
+    return encode_push(
+        PushBatch(node=node, lane=2, first_seq=first, last_seq=first + n - 1, changes=changes)
+    )
 
 
 def packed(msg: dict[str, Any]) -> bytes:
@@ -72,9 +87,10 @@ async def seeded(hub):  # type: ignore[no-untyped-def]
     """A hub with node-a (granted west/ng/lagos) and node-b, and one applied push."""
     token = await hub.add_node("node-a", "west/ng/lagos")
     await hub.add_node("node-b", "west/ng/lagos")
-    async with aiohttp.ClientSession() as http, http.post(
-        f"{hub.url}/v1/push", data=packed(good_push()), headers=headers(token)
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{hub.url}/v1/push", data=packed(good_push()), headers=headers(token)) as resp,
+    ):
         assert resp.status == 200, await resp.text()
     return hub, token
 
@@ -92,17 +108,23 @@ async def test_other_changes_under_held_seqs_are_refused_not_dropped(seeded) -> 
     would lose them; the hub tells them apart by their stamps and refuses them."""
     hub, token = seeded
     before = await checksum(hub.hub.pool)
-    async with aiohttp.ClientSession() as http, http.post(
-        f"{hub.url}/v1/push", data=packed(good_push(first=2, hlc_offset_ms=-1000)),
-        headers=headers(token),
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{hub.url}/v1/push",
+            data=packed(good_push(first=2, hlc_offset_ms=-1000)),
+            headers=headers(token),
+        ) as resp,
+    ):
         assert resp.status == 409
         body = await resp.json()
         assert body["error"] == "seq_reused" and body["detail"]["seqs"] == [2]
     assert await checksum(hub.hub.pool) == before
     # What status shows of the node: its last error.
-    assert await hub.hub.pool.fetchval(
-        "SELECT last_error_code FROM nodes WHERE node_id = 'node-a'") == "seq_reused"
+    assert (
+        await hub.hub.pool.fetchval("SELECT last_error_code FROM nodes WHERE node_id = 'node-a'")
+        == "seq_reused"
+    )
 
 
 async def test_replay_after_grants_narrowed_answers_as_the_first_time(seeded) -> None:  # type: ignore[no-untyped-def]
@@ -111,12 +133,16 @@ async def test_replay_after_grants_narrowed_answers_as_the_first_time(seeded) ->
     hub, token = seeded
     await hub.hub.pool.execute("UPDATE nodes SET grants = '{west/gh}' WHERE node_id = 'node-a'")
     async with aiohttp.ClientSession() as http:
-        async with http.post(f"{hub.url}/v1/push", data=packed(good_push()),
-                             headers=headers(token, {"Accept": "application/msgpack"})) as resp:
+        async with http.post(
+            f"{hub.url}/v1/push",
+            data=packed(good_push()),
+            headers=headers(token, {"Accept": "application/msgpack"}),
+        ) as resp:
             assert resp.status == 200
             assert msgpack.unpackb(await resp.read())["acked"] == 2
-        async with http.post(f"{hub.url}/v1/push", data=packed(good_push(first=3)),
-                             headers=headers(token)) as resp:
+        async with http.post(
+            f"{hub.url}/v1/push", data=packed(good_push(first=3)), headers=headers(token)
+        ) as resp:
             assert resp.status == 403
             body = await resp.json()
             assert body["error"] == "not_granted" and body["detail"]["seq"] == 3
@@ -131,12 +157,56 @@ async def test_a_record_over_the_hubs_cap_is_refused_naming_its_seq(hub_factory)
     msg = good_push(n=3)
     msg["changes"][1][4] = {"note": "x" * 5000}
     before = await checksum(hub.hub.pool)
-    async with aiohttp.ClientSession() as http, http.post(
-        f"{hub.url}/v1/push", data=packed(msg), headers=headers(token)
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{hub.url}/v1/push", data=packed(msg), headers=headers(token)) as resp,
+    ):
         assert resp.status == 413, await resp.text()
         body = await resp.json()
     assert body["error"] == "record_too_large"
     assert body["detail"]["seq"] == 2 and body["detail"]["max"] == 4096
     assert "max_record_bytes" in body["detail"]["hint"]
     assert await checksum(hub.hub.pool) == before
+
+
+async def test_a_client_that_drops_mid_body_is_no_hub_error(
+    seeded: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A push whose link drops half-way through its body (an RST, as a flaky link sends) is
+    the client leaving, not a fault of the hub: nothing is applied, no traceback is logged,
+    the drop is counted under ``client_disconnected``, and the hub serves the next request."""
+    hub, token = seeded
+    before = await checksum(hub.hub.pool)
+    body = packed(good_push(first=3, n=20))
+    url = urlsplit(hub.url)
+    caplog.set_level(logging.DEBUG)
+    for _ in range(3):
+        _reader, writer = await asyncio.open_connection(url.hostname, url.port)
+        head = (
+            f"POST /v1/push HTTP/1.1\r\nHost: {url.netloc}\r\n"
+            f"Authorization: Bearer {token}\r\nContent-Type: application/msgpack\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        writer.write(head.encode() + body[: len(body) // 2])
+        await writer.drain()
+        await asyncio.sleep(0.2)  # the hub is now reading the body
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.close()  # linger 0: an RST, not a FIN
+    metric = hub.hub.metrics.errors.labels(code="client_disconnected")
+    for _ in range(50):
+        if metric._value.get() >= 3:
+            break
+        await asyncio.sleep(0.1)
+    assert metric._value.get() >= 3
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], [
+        r.getMessage() for r in caplog.records
+    ]
+    assert await checksum(hub.hub.pool) == before
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{hub.url}/v1/push", data=packed(good_push(first=3)), headers=headers(token)
+        ) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
