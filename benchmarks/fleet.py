@@ -39,7 +39,9 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import queue
 import random
+import signal
 import statistics
 import sys
 import tempfile
@@ -275,6 +277,27 @@ def _worker(job: dict[str, Any], shared: dict[str, Any], out: Any) -> None:
     out.put(asyncio.run(_worker_main(job, shared)))
 
 
+def _check_alive(workers: list[Any]) -> None:
+    """Stop the run when a worker process died: its edges would neither write nor sync,
+    and every figure after it would be wrong."""
+    for w, p in enumerate(workers):
+        if p.exitcode not in (None, 0):
+            raise SystemExit(
+                f"fleet: worker process {w} exited with code {p.exitcode} (its traceback is "
+                "above); no figures are printed for a run that lost part of its fleet"
+            )
+
+
+def _results(workers: list[Any], out: Any) -> list[dict[str, Any]]:
+    results = []
+    while len(results) < len(workers):
+        try:
+            results.append(out.get(timeout=1.0))
+        except queue.Empty:
+            _check_alive(workers)
+    return results
+
+
 def _pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -311,6 +334,11 @@ async def main() -> None:
     parser.add_argument("--idle-wait", dest="idle_wait_s", type=float, default=5.0)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    # SIGTERM (a timeout, a CI job stopped) unwinds like Ctrl-C: the hub, PostgreSQL and
+    # Redis of the run are stopped, not left behind.
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     ctx = multiprocessing.get_context("spawn")
     async with running_hub(tier_rules=TIER_RULES) as bench:
         say = (lambda *_: None) if args.json else print
@@ -343,27 +371,44 @@ async def main() -> None:
             workers = [ctx.Process(target=_worker, args=(j, shared, out)) for j in procs]
             for p in workers:
                 p.start()
-            say(f"opening {args.edges:,} stores in {args.workers} processes ...")
-            for _ in workers:
-                await _until(lambda: shared["ready"].acquire(block=False))
-            say(f"writing for {args.seconds:g} s ...")
-            start_at = shared["start"].value = time.time()
-            peak_conns = 0
-            drained = 0
-            while drained < len(workers):
-                if shared["drained"].acquire(block=False):
-                    drained += 1
-                    continue
-                conns = await bench.pool.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                )
-                peak_conns = max(peak_conns, conns - 1)
-                await asyncio.sleep(0.5)
-            head = await bench.pool.fetchval("SELECT id FROM feed_head")
-            shared["head"].value = head
-            results = [out.get() for _ in workers]
-            for p in workers:
-                p.join(60)
+            try:
+                say(f"opening {args.edges:,} stores in {args.workers} processes ...")
+                for _ in workers:
+                    await _until(
+                        lambda: _check_alive(workers) or shared["ready"].acquire(block=False)
+                    )
+                say(f"writing for {args.seconds:g} s ...")
+                start_at = shared["start"].value = time.time()
+                peak_conns = 0
+                drained = 0
+                said_at = time.time()
+                while drained < len(workers):
+                    _check_alive(workers)
+                    if shared["drained"].acquire(block=False):
+                        drained += 1
+                        continue
+                    conns = await bench.pool.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    )
+                    peak_conns = max(peak_conns, conns - 1)
+                    if time.time() - said_at >= 10:
+                        said_at = time.time()
+                        landed = await bench.pool.fetchval("SELECT id FROM feed_head")
+                        phase = "writing" if said_at < start_at + args.seconds else "draining"
+                        say(
+                            f"  {said_at - start_at:5.0f} s {phase}: the hub holds {landed:,} changes"
+                        )
+                    await asyncio.sleep(0.5)
+                say("outboxes empty; edges pulling until they reach the feed head ...")
+                head = await bench.pool.fetchval("SELECT id FROM feed_head")
+                shared["head"].value = head
+                results = await asyncio.to_thread(_results, workers, out)
+                for p in workers:
+                    p.join(60)
+            finally:
+                for p in workers:
+                    if p.is_alive():
+                        p.terminate()
         hub_rss = _rss_mb(bench.hub_pid)
         copy = await raw_copy_rate(bench.dsn, make_changes("copy", 1, 100_000))
     writes = sum(r["writes"] for r in results)
