@@ -23,6 +23,7 @@ behind a load balancer against the same PostgreSQL and Redis.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -50,6 +51,7 @@ from syncengine.hub import db, feed, nodes, push, retention, snapshot
 from syncengine.hub.activity import NodeActivity
 from syncengine.hub.cache import Cache
 from syncengine.hub.metrics import HubMetrics
+from syncengine.hub.wakeups import Changed, Wakeups
 from syncengine.merge import validate_collection, validate_key
 from syncengine.protocol import (
     MAX_PULL_LIMIT,
@@ -95,8 +97,9 @@ class Hub:
         self.activity = NodeActivity(pool)
         self._exported = (0, 0)  # cache hits and misses already in the metrics
         self.started = time.time()
-        # Local wake-ups for long-polls; Redis pub/sub carries them across processes.
-        self._wake: dict[int, asyncio.Event] = {t.priority: asyncio.Event() for t in Tier}
+        # Held long-polls, woken by the pushes that concern them; Redis pub/sub carries the
+        # wake-ups across processes.
+        self.wakeups = Wakeups()
         # Set when the server shuts down: held long-polls answer at once instead of making
         # the shutdown wait out their `wait`.
         self._closing = False
@@ -263,14 +266,9 @@ class Hub:
         self._closing = True
         self._local_wake(None)
 
-    def _local_wake(self, tiers: frozenset[int] | None) -> None:
-        """Release the long-polls waiting on ``tiers`` (None: on every tier)."""
-        for t in list(self._wake) if tiers is None else tiers:
-            event = self._wake.get(t)
-            if event is not None:
-                event.set()
-                # A fresh event for the next waiters; the set one releases current waiters.
-                self._wake[t] = asyncio.Event()
+    def _local_wake(self, changed: Changed | None) -> None:
+        """Release the long-polls ``changed`` concerns (None: every one)."""
+        self.wakeups.wake(changed)
 
     # -- sync routes ------------------------------------------------------------------------
 
@@ -311,8 +309,9 @@ class Hub:
             crashpoints.crashpoint("hub.cache.after_pg_commit_before_redis_set")
             await self.cache.put_feed_batch(result.epoch, result.feed_rows)
         if result.tiers:
-            self._local_wake(result.tiers)
-            await self.cache.publish_wakeup(result.tiers)
+            changed = _changed_cells(result.feed_rows, result.tiers)
+            self._local_wake(changed)
+            await self.cache.publish_wakeup(changed)
         return self._msgpack_response(request, encode_push_answer(result.answer))
 
     async def _pull(self, request: web.Request) -> web.Response:
@@ -330,23 +329,27 @@ class Hub:
         asked = after
         due: list[int] = []
         checked = False  # the watched tiers were looked at (not when the page had changes)
-        while True:
-            # Take the events before reading: a push landing after the read still wakes us.
-            events = [self._wake[t] for t in (tier, *watch)]
-            page = await self._read_page(node.node_id, tier, prefixes, after, limit)
-            remaining = deadline - time.monotonic()
-            gone = request.transport is None or request.transport.is_closing()
-            if not page.changes and watch:
-                due, checked = await self._watch(node.node_id, prefixes, watch), True
-            if page.changes or due or remaining <= 0 or self._closing or gone:
-                break  # (an edge that hung up gets nothing: no reason to hold its slot)
-            after = page.next_cursor
-            # Wake on a push (local, or from another process via Redis pub/sub); re-read
-            # PostgreSQL anyway every few seconds, and every second while Redis or the
-            # subscription is down (the cache wakes us when either changes).
-            polling = self.cache.degraded or not self.cache.subscribed
-            recheck = POLL_FALLBACK_S if polling else RECHECK_S
-            await _wait_any(events, min(remaining, recheck))
+        # Registered before the first read: a push landing after a read still wakes us.
+        with self.wakeups.waiting((tier, *watch), prefixes) as waiter:
+            while True:
+                waiter.event.clear()
+                page = await self._read_page(node.node_id, tier, prefixes, after, limit)
+                remaining = deadline - time.monotonic()
+                gone = request.transport is None or request.transport.is_closing()
+                if not page.changes and watch:
+                    due, checked = await self._watch(node.node_id, prefixes, watch), True
+                if page.changes or due or remaining <= 0 or self._closing or gone:
+                    break  # (an edge that hung up gets nothing: no reason to hold its slot)
+                after = page.next_cursor
+                # Wake on a push under our prefixes (local, or from another process via
+                # Redis pub/sub); re-read PostgreSQL anyway every few seconds, and every
+                # second while Redis or the subscription is down (the cache wakes us when
+                # either changes).
+                polling = self.cache.degraded or not self.cache.subscribed
+                recheck = POLL_FALLBACK_S if polling else RECHECK_S
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(remaining, recheck)):
+                        await waiter.event.wait()
         if watch or "tag" in q:
             page = dataclasses.replace(
                 page,
@@ -577,14 +580,12 @@ def _watch_params(values: list[str], tier: int) -> dict[int, int]:
     return watch
 
 
-async def _wait_any(events: list[asyncio.Event], for_s: float) -> None:
-    """Until one of ``events`` is set or ``for_s`` seconds pass."""
-    waiters = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waiters, timeout=for_s, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waiters:
-            w.cancel()
+def _changed_cells(feed_rows: list[list[Any]], tiers: frozenset[int]) -> Changed:
+    """Per tier, the cells a push wrote (feed rows are ``[id, tier, cell, …]``)."""
+    changed: dict[int, set[str]] = {t: set() for t in tiers}
+    for row in feed_rows:
+        changed.setdefault(row[1], set()).add(row[2])
+    return {t: frozenset(cells) if cells else None for t, cells in changed.items()}
 
 
 def _tier_param(value: str) -> int:

@@ -5,7 +5,8 @@ cache is *degraded* — calls are skipped at once and callers serve from Postgre
 one call probes Redis again. A frozen Redis (SIGSTOP) therefore costs one timeout, not one
 per request, and a restarted Redis is picked up without restarting the hub.
 
-Pub/sub carries long-poll wake-ups between hub processes ("a push to tier T committed").
+Pub/sub carries long-poll wake-ups between hub processes ("a push wrote these cells of tier
+T": :mod:`syncengine.hub.wakeups`; by tiers alone when it wrote too many cells).
 Losing one only delays a long-poll until its periodic re-read of PostgreSQL. While the
 subscription is not confirmed by Redis (``subscribed`` is False) wake-ups may be missed, so
 long-polls re-read often; each time it is lost or confirmed again, every long-poll is woken
@@ -25,9 +26,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
 
 import msgpack
@@ -37,6 +39,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from syncengine import tasks
+from syncengine.hub.wakeups import MAX_CELLS_ANNOUNCED, Changed
 
 __all__ = ["Cache"]
 
@@ -93,7 +96,7 @@ class Cache:
         self.misses = 0
         #: Called with the tiers of a wake-up from another process, or with None: "wake
         #: every long-poll" (the subscription was lost or confirmed, or Redis failed).
-        self.on_wakeup: Callable[[frozenset[int] | None], None] | None = None
+        self.on_wakeup: Callable[[Changed | None], None] | None = None
         self._redis: aioredis.Redis | None = None
         self._open_until = 0.0  # breaker open (degraded) until this monotonic time
         self._failing = url is None
@@ -254,8 +257,9 @@ class Cache:
         self.hits += 1
         return out
 
-    async def publish_wakeup(self, tiers: Iterable[int]) -> None:
-        payload = ",".join(str(t) for t in sorted(tiers))
+    async def publish_wakeup(self, changed: Changed) -> None:
+        """Tell the other hub processes what a push wrote (:func:`wakeup_message`)."""
+        payload = wakeup_message(changed)
         await self._call(lambda r: r.publish(self._channel, payload))
 
     async def ping(self) -> bool:
@@ -302,11 +306,11 @@ class Cache:
                         continue
                     data = msg.get("data")
                     text = data.decode() if isinstance(data, bytes) else str(data)
-                    tiers = frozenset(int(t) for t in text.split(",") if t.isdigit())
-                    if text == _EVERY_TIER:
+                    changed = read_wakeup(text)
+                    if changed is None:
                         self._wake_all()
-                    elif self.on_wakeup is not None and tiers:
-                        self.on_wakeup(tiers)
+                    elif self.on_wakeup is not None and changed:
+                        self.on_wakeup(changed)
             except (RedisError, OSError, TimeoutError):
                 self._set_subscribed(False)
             finally:
@@ -315,3 +319,32 @@ class Cache:
                         await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(delay)
             delay = min(delay * 2, most)
+
+
+def wakeup_message(changed: Changed) -> str:
+    """The pub/sub payload for ``changed``: JSON ``{"tier": [cells]}``, or the tiers alone
+    (``"1,2"``, every long-poll of those tiers wakes) past MAX_CELLS_ANNOUNCED cells or
+    when a tier names no cells."""
+    cells = [c for v in changed.values() if v is not None for c in v]
+    if any(v is None for v in changed.values()) or len(cells) > MAX_CELLS_ANNOUNCED:
+        return ",".join(str(t) for t in sorted(changed))
+    return json.dumps({str(t): sorted(v or ()) for t, v in sorted(changed.items())})
+
+
+def read_wakeup(text: str) -> Changed | None:
+    """What a wake-up payload names; ``None`` for every tier and cell (``*``, or a payload
+    this version cannot read: waking too many long-polls only costs re-reads)."""
+    if text == _EVERY_TIER:
+        return None
+    if text.startswith("{"):
+        try:
+            raw = json.loads(text)
+            return {
+                int(t): frozenset(c for c in cells if isinstance(c, str))
+                for t, cells in raw.items()
+                if isinstance(cells, list)
+            }
+        except (ValueError, AttributeError, TypeError):
+            return None
+    tiers = [t for t in text.split(",") if t.isdigit()]
+    return dict.fromkeys((int(t) for t in tiers), None) if tiers else None

@@ -288,6 +288,62 @@ async def test_long_poll_returns_as_soon_as_a_change_lands(hub: Any, tmp_path: P
         assert await waiter.store.cursor("pull:critical") == 1
 
 
+async def test_a_long_poll_sleeps_through_pushes_to_cells_it_does_not_read(
+    hub_factory: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A region's thousand edges each hold a long-poll: a push wakes only the polls whose
+    prefixes cover a cell it wrote, not every poll of its tier (each woken poll re-reads the
+    feed). Pushes to another clinic leave the poll asleep; one to its own cell wakes it."""
+    other = "west/ng/lagos/clinic-7"
+    hub = await hub_factory(
+        tier_rules=[
+            {"prefix": f"{CELL}/alerts", "tier": "critical"},
+            {"prefix": f"{other}/alerts", "tier": "critical"},
+        ]
+    )
+    tokens = {"edge-w1": await hub.add_node("edge-w1", CELL)}
+    tokens["edge-w2"] = await hub.add_node("edge-w2", "west/ng/lagos")
+    reads: list[str] = []
+    real_read = hub.hub._read_page
+
+    async def counted(node_id: str, *args: Any) -> Any:
+        reads.append(node_id)
+        return await real_read(node_id, *args)
+
+    monkeypatch.setattr(hub.hub, "_read_page", counted)
+    async with AsyncExitStack() as stack:
+        waiter = await stack.enter_async_context(
+            edge(stack, tmp_path, "edge-w1", hub.url, tokens["edge-w1"])
+        )
+        writer = await stack.enter_async_context(
+            edge(
+                stack,
+                tmp_path,
+                "edge-w2",
+                hub.url,
+                tokens["edge-w2"],
+                subscriptions=["west/ng/lagos"],
+            )
+        )
+        async with asyncio.TaskGroup() as group:
+            polled = group.create_task(waiter.syncer.pull_tier(Tier.CRITICAL, wait_s=20))
+            await asyncio.sleep(0.3)
+            for i in range(10):
+                await writer.store.put(f"{other}/alerts", "visits", f"o{i}", {"f0": i})
+                assert await writer.syncer.push_lane(Tier.CRITICAL.priority) == 1
+            await asyncio.sleep(0.3)
+            asleep_reads = reads.count("edge-w1")
+            started = time.monotonic()
+            await writer.store.put(ALERTS, "visits", "mine", {"f0": "fire"})
+            assert await writer.syncer.push_lane(Tier.CRITICAL.priority) == 1
+        assert polled.result() == 1
+        assert time.monotonic() - started < 5
+        # One read when the poll arrived, none for the ten pushes elsewhere (a periodic
+        # re-read may fall in: RECHECK_S), one when its own cell changed.
+        assert asleep_reads <= 2, reads
+        assert await waiter.store.get(ALERTS, "visits", "mine") == {"f0": "fire"}
+
+
 async def test_a_long_poll_watches_other_tiers_and_carries_the_config_tag(
     hub: Any, tmp_path: Path
 ) -> None:
