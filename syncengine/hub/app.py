@@ -95,7 +95,7 @@ class Hub:
         self.limits = Limits(max_body_bytes=config.max_body_bytes)
         self.metrics = HubMetrics()
         self.activity = NodeActivity(pool)
-        self._exported = (0, 0)  # cache hits and misses already in the metrics
+        self._exported = (0, 0, 0)  # cache hits, misses and sparse pages already exported
         self.started = time.time()
         # Held long-polls, woken by the pushes that concern them; Redis pub/sub carries the
         # wake-ups across processes.
@@ -531,6 +531,7 @@ class Hub:
                 "configured": self.cache.configured,
                 "hits": self.cache.hits,
                 "misses": self.cache.misses,
+                "sparse": self.cache.sparse,
             },
             "database_pool": {"size": self.pool.get_size(), "idle": self.pool.get_idle_size()},
             "uptime_s": round(time.time() - self.started, 1),
@@ -555,7 +556,8 @@ class Hub:
         # The cache counts plainly; advance the Prometheus counters by what is new.
         self.metrics.cache_hits.inc(self.cache.hits - self._exported[0])
         self.metrics.cache_misses.inc(self.cache.misses - self._exported[1])
-        self._exported = (self.cache.hits, self.cache.misses)
+        self.metrics.cache_sparse.inc(self.cache.sparse - self._exported[2])
+        self._exported = (self.cache.hits, self.cache.misses, self.cache.sparse)
         body, content_type = self.metrics.render()
         return web.Response(body=body, headers={"Content-Type": content_type})
 

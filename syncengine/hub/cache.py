@@ -54,6 +54,9 @@ FEED_TAIL_IDS: Final = 200_000
 MAX_BATCH_IDS: Final = 10_000
 #: Batches fetched per Redis round trip while filling a page.
 _CHUNK: Final = 8
+#: A cached page may look at this many rows (or twice its limit, if more) before it leaves
+#: the page to PostgreSQL's per-cell index (see Cache.feed_page).
+SCAN_ROWS: Final = 5_000
 #: The wake-up listener's reconnect backoff: from the first, doubling, to the last; back
 #: to the first once Redis confirms the subscription.
 LISTEN_RETRY_S: Final = (0.1, 1.0)
@@ -94,6 +97,8 @@ class Cache:
         self.cooldown_s = cooldown_s
         self.hits = 0
         self.misses = 0
+        #: Pages left to PostgreSQL because the reader's prefixes matched too few rows.
+        self.sparse = 0
         #: Called with the tiers of a wake-up from another process, or with None: "wake
         #: every long-poll" (the subscription was lost or confirmed, or Redis failed).
         self.on_wakeup: Callable[[Changed | None], None] | None = None
@@ -219,12 +224,16 @@ class Cache:
         up to where the page filled (or to ``last``); the caller then reads PostgreSQL.
 
         Batches are fetched a few at a time and reading stops once the page is full, so a
-        page never costs more than the batches it needs.
+        page never costs more than the batches it needs. A reader whose prefixes match few
+        of the rows (one clinic of a thousand) gets ``None`` once SCAN_ROWS rows were looked
+        at: PostgreSQL reads its cells through an index, where this would decode the whole
+        tail to keep a handful (counted in ``sparse``).
         """
         if self._redis is None:
             return None
         key = self._feed_key(epoch)
         out: list[FeedRow] = []
+        scanned = 0
         expected = first
         low = first - MAX_BATCH_IDS  # the batch holding `first` starts at most this far back
         while expected <= last and len(out) < limit:
@@ -234,7 +243,11 @@ class Cache:
             if not chunk:
                 break
             for member in chunk:
+                if scanned >= max(SCAN_ROWS, 2 * limit):
+                    self.sparse += 1
+                    return None
                 rows = msgpack.unpackb(member, raw=False)
+                scanned += len(rows)
                 if not rows or rows[-1][0] < expected:
                     continue
                 if rows[0][0] > expected:

@@ -50,12 +50,22 @@ _COLUMNS = (
     "base",
 )
 
+#: A page, read cell by cell: for each cell under the prefixes (``cells``, byte-ordered, so
+#: a prefix's cells are the range from ``prefix/`` up to ``prefix0``), the first matching
+#: entries after the cursor through ``feed_cell_id``; then the first ``limit`` of their union.
+#: The per-cell LIMIT sits after every filter, so no cell's page can hide a later match. An
+#: edge's few cells cost a few index probes, where the tier's whole window was scanned
+#: before. (A cell's tier is taken from its feed entries: tier rules can change.)
 _PAGE_SQL = (
-    "SELECT id, cell, collection, key, node_id, lane, seq, hlc, fields, base FROM feed "
-    "WHERE tier = $1 AND id > $2 AND id <= $6 AND node_id <> $3 AND EXISTS ("
-    "  SELECT 1 FROM unnest($4::text[]) AS p (prefix) "
-    "  WHERE feed.cell = p.prefix OR starts_with(feed.cell, p.prefix || '/')) "
-    "ORDER BY id LIMIT $5"
+    "SELECT f.id, f.cell, f.collection, f.key, f.node_id, f.lane, f.seq, f.hlc, f.fields, "
+    "f.base FROM ("
+    "  SELECT DISTINCT c.cell FROM unnest($4::text[]) AS p (prefix) JOIN cells c "
+    '  ON c.cell = p.prefix COLLATE "C" OR (c.cell >= p.prefix || \'/\' COLLATE "C" '
+    "  AND c.cell < p.prefix || '0' COLLATE \"C\")"
+    ") AS c CROSS JOIN LATERAL ("
+    "  SELECT * FROM feed WHERE feed.cell = c.cell AND feed.id > $2 AND feed.id <= $6 "
+    "  AND feed.tier = $1 AND feed.node_id <> $3 ORDER BY feed.id LIMIT $5"
+    ") AS f ORDER BY f.id LIMIT $5"
 )
 
 
@@ -117,8 +127,10 @@ async def read_page(
     commit, so every id at or below the head read first is settled, and any later read of
     that range sees exactly the same rows.
     """
-    async with translated("pull"), pool.acquire() as conn:
-        head, epoch, horizon = await conn.fetchrow("SELECT id, epoch, horizon FROM feed_head")
+    async with translated("pull"):
+        # No connection is held while the cache is read: a pool of ten serves a thousand
+        # edges only if each request holds one for its own queries alone.
+        head, epoch, horizon = await pool.fetchrow("SELECT id, epoch, horizon FROM feed_head")
         _check_horizon(after, horizon)
         if after > head:
             raise SequenceError(
@@ -141,10 +153,13 @@ async def read_page(
         if cached is not None:
             rows: list[Any] = [dict(zip(_COLUMNS, r, strict=True)) for r in cached]
         else:
-            rows = await conn.fetch(_PAGE_SQL, tier, after, node_id, prefixes, limit, window_end)
-            # Retention may have dropped a partition between the two reads (DDL is not
-            # bound by a snapshot): the rows would lack its entries. Check again after.
-            _check_horizon(after, await conn.fetchval("SELECT horizon FROM feed_head"))
+            async with pool.acquire() as conn:
+                rows = await conn.fetch(
+                    _PAGE_SQL, tier, after, node_id, prefixes, limit, window_end
+                )
+                # Retention may have dropped a partition between the two reads (DDL is not
+                # bound by a snapshot): the rows would lack its entries. Check again after.
+                _check_horizon(after, await conn.fetchval("SELECT horizon FROM feed_head"))
     ids, changes = rows_to_changes(rows)
     full = len(rows) == limit
     return PullPage(

@@ -47,6 +47,11 @@ class HubMetrics:
         )
         self.cache_hits = Counter("syncengine_hub_cache_hits", "Cache hits", registry=r)
         self.cache_misses = Counter("syncengine_hub_cache_misses", "Cache misses", registry=r)
+        self.cache_sparse = Counter(
+            "syncengine_hub_cache_sparse_pages",
+            "Pulls left to PostgreSQL's per-cell index: the cached tail held too few of their rows",
+            registry=r,
+        )
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
