@@ -54,9 +54,12 @@ FEED_TAIL_IDS: Final = 200_000
 MAX_BATCH_IDS: Final = 10_000
 #: Batches fetched per Redis round trip while filling a page.
 _CHUNK: Final = 8
-#: A cached page may look at this many rows (or twice its limit, if more) before it leaves
-#: the page to PostgreSQL's per-cell index (see Cache.feed_page).
-SCAN_ROWS: Final = 5_000
+#: Connections to Redis per hub process (the wake-up subscription holds one).
+MAX_CONNECTIONS: Final = 64
+#: A cached page reads on past its first chunk of batches only while at least this share of
+#: the rows it looked at were the reader's; below it, PostgreSQL's per-cell index serves the
+#: page (see Cache.feed_page).
+MIN_MATCH_SHARE: Final = 0.25
 #: The wake-up listener's reconnect backoff: from the first, doubling, to the last; back
 #: to the first once Redis confirms the subscription.
 LISTEN_RETRY_S: Final = (0.1, 1.0)
@@ -138,8 +141,13 @@ class Cache:
     async def start(self) -> None:
         if self.url is None:
             return
-        self._redis = aioredis.Redis.from_url(
+        # A blocking pool: when every connection is busy (a thousand edges pulling at once)
+        # a call waits its turn within the timeout. The default pool fails at once with
+        # "Too many connections", which opened the breaker on a healthy Redis.
+        pool = aioredis.BlockingConnectionPool.from_url(
             self.url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=self.timeout_s,
             socket_timeout=self.timeout_s,
             socket_connect_timeout=self.timeout_s,
             health_check_interval=0,
@@ -147,6 +155,7 @@ class Cache:
             # the first failure from the breaker. The breaker is our retry policy.
             retry=Retry(NoBackoff(), 0),
         )
+        self._redis = aioredis.Redis.from_pool(pool)
         await self._call(lambda r: r.ping())
         self._listener = asyncio.get_running_loop().create_task(
             self._listen(), name="syncengine-hub-wakeups"
@@ -225,9 +234,10 @@ class Cache:
 
         Batches are fetched a few at a time and reading stops once the page is full, so a
         page never costs more than the batches it needs. A reader whose prefixes match few
-        of the rows (one clinic of a thousand) gets ``None`` once SCAN_ROWS rows were looked
-        at: PostgreSQL reads its cells through an index, where this would decode the whole
-        tail to keep a handful (counted in ``sparse``).
+        of the rows (one clinic of a thousand) gets ``None`` after the first chunk unless it
+        was done by then (a long-poll woken by one push usually is): PostgreSQL reads its
+        cells through an index in one round trip, where this would fetch and decode the
+        whole tail to keep a handful (counted in ``sparse``).
         """
         if self._redis is None:
             return None
@@ -243,11 +253,7 @@ class Cache:
             if not chunk:
                 break
             for member in chunk:
-                if scanned >= max(SCAN_ROWS, 2 * limit):
-                    self.sparse += 1
-                    return None
                 rows = msgpack.unpackb(member, raw=False)
-                scanned += len(rows)
                 if not rows or rows[-1][0] < expected:
                     continue
                 if rows[0][0] > expected:
@@ -259,11 +265,15 @@ class Cache:
                     if row[0] > last or len(out) == limit:
                         break
                     expected = row[0] + 1
+                    scanned += 1
                     if wanted(row):
                         out.append(row)
                 if expected > last or len(out) == limit:
                     break
             low = expected  # next chunk: batches starting after what was covered
+            if expected <= last and len(out) < limit and len(out) < scanned * MIN_MATCH_SHARE:
+                self.sparse += 1
+                return None
         if expected <= last and len(out) < limit:
             self.misses += 1
             return None

@@ -18,7 +18,9 @@ import aiohttp
 import msgpack
 import pytest
 
+from syncengine.cells import covers_any
 from syncengine.codec import encode
+from syncengine.hub import cache as cache_module
 from syncengine.hub import feed
 from syncengine.hub.cache import Cache
 from syncengine.merge import Change
@@ -26,12 +28,23 @@ from syncengine.protocol import PushBatch, encode_push
 
 pytestmark = pytest.mark.integration
 
-CELLS = ["west/ng/lagos/clinic-12", "west/ng/lagos/clinic-12/alerts",
-         "west/ng/lagos/clinic-1", "west/ng/kano/school-7"]
-PREFIXES = [["west/ng/lagos/clinic-12"], ["west/ng/lagos"], ["west"], ["west/ng/kano", "west/ng/lagos/clinic-1"]]
+CELLS = [
+    "west/ng/lagos/clinic-12",
+    "west/ng/lagos/clinic-12/alerts",
+    "west/ng/lagos/clinic-1",
+    "west/ng/kano/school-7",
+]
+PREFIXES = [
+    ["west/ng/lagos/clinic-12"],
+    ["west/ng/lagos"],
+    ["west"],
+    ["west/ng/kano", "west/ng/lagos/clinic-1"],
+]
 
 
-async def push_random(hub, rng: random.Random, tokens: dict[str, str], seqs: dict[str, int]) -> None:  # type: ignore[no-untyped-def]
+async def push_random(
+    hub, rng: random.Random, tokens: dict[str, str], seqs: dict[str, int]
+) -> None:  # type: ignore[no-untyped-def]
     async with aiohttp.ClientSession() as http:
         for _ in range(40):
             node = rng.choice(list(tokens))
@@ -39,26 +52,65 @@ async def push_random(hub, rng: random.Random, tokens: dict[str, str], seqs: dic
             first = seqs[node] + 1
             seqs[node] += n
             now = (time.time_ns() // 1_000_000) << 16
-            batch = PushBatch(node=node, lane=2, first_seq=first, last_seq=first + n - 1, changes=[
-                Change(cell=rng.choice(CELLS), collection="c", key=f"k{rng.randint(0, 50)}",
-                       hlc=now + i, node=node, fields={"v": rng.random()}, lane=2, seq=first + i)
-                for i in range(n)])
-            async with http.post(f"{hub.url}/v1/push", data=encode(encode_push(batch)),
-                                 headers={"Authorization": f"Bearer {tokens[node]}"}) as resp:
+            batch = PushBatch(
+                node=node,
+                lane=2,
+                first_seq=first,
+                last_seq=first + n - 1,
+                changes=[
+                    Change(
+                        cell=rng.choice(CELLS),
+                        collection="c",
+                        key=f"k{rng.randint(0, 50)}",
+                        hlc=now + i,
+                        node=node,
+                        fields={"v": rng.random()},
+                        lane=2,
+                        seq=first + i,
+                    )
+                    for i in range(n)
+                ],
+            )
+            async with http.post(
+                f"{hub.url}/v1/push",
+                data=encode(encode_push(batch)),
+                headers={"Authorization": f"Bearer {tokens[node]}"},
+            ) as resp:
                 assert resp.status == 200, await resp.text()
 
 
 async def compare_pages(hub, cache: Cache, rng: random.Random, rounds: int = 200) -> None:  # type: ignore[no-untyped-def]
+    """Pages with the cache, pages from PostgreSQL alone, and a model page filtered here from
+    every feed row must all agree (the per-cell SQL, the cached scan and the rule)."""
     head = await hub.hub.pool.fetchval("SELECT id FROM feed_head")
+    every = await hub.hub.pool.fetch("SELECT id, tier, cell, node_id FROM feed ORDER BY id")
     for _ in range(rounds):
-        args = {"node_id": rng.choice(["a", "b", "c", "x"]), "tier": rng.choice([0, 2]),
-                "prefixes": rng.choice(PREFIXES), "after": rng.randint(0, head),
-                "limit": rng.randint(1, 80), "clock": hub.hub.clock}
+        args = {
+            "node_id": rng.choice(["a", "b", "c", "x"]),
+            "tier": rng.choice([0, 2]),
+            "prefixes": rng.choice(PREFIXES),
+            "after": rng.randint(0, head),
+            "limit": rng.randint(1, 80),
+            "clock": hub.hub.clock,
+        }
         with_cache = await feed.read_page(hub.hub.pool, cache=cache, **args)
         plain = await feed.read_page(hub.hub.pool, cache=None, **args)
         assert (with_cache.ids, with_cache.next_cursor, with_cache.more) == (
-            plain.ids, plain.next_cursor, plain.more), args
+            plain.ids,
+            plain.next_cursor,
+            plain.more,
+        ), args
         assert with_cache.changes == plain.changes
+        end = min(head, args["after"] + feed.SCAN_WINDOW)
+        model = [
+            r["id"]
+            for r in every
+            if args["after"] < r["id"] <= end
+            and r["tier"] == args["tier"]
+            and r["node_id"] != args["node_id"]
+            and covers_any(args["prefixes"], r["cell"])
+        ][: args["limit"]]
+        assert plain.ids == model, args
 
 
 async def test_cached_pages_equal_postgres_pages(hub, redis_server, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -80,6 +132,13 @@ async def test_cached_pages_equal_postgres_pages(hub, redis_server, monkeypatch)
     await compare_pages(hub, cache, rng)
     assert cache.hits > hits, "the cache served nothing; the test saw no cached path"
     assert cache.misses > misses, "no page crossed a hole; the test saw no fallback"
+    # A reader whose prefixes match few of the cached rows is left to PostgreSQL's index.
+    monkeypatch.setattr(cache_module, "MIN_MATCH_SHARE", 1.0)
+    monkeypatch.setattr(cache_module, "_CHUNK", 2)
+    sparse = cache.sparse
+    await compare_pages(hub, cache, rng, rounds=100)
+    assert cache.sparse > sparse, "no page gave up on the cache: the test saw no sparse path"
+    monkeypatch.undo()
     # A flushed cache (or one restarted empty) is only slower.
     redis_server.flushall()
     await compare_pages(hub, cache, rng, rounds=50)
@@ -207,3 +266,18 @@ async def test_cross_hub_long_poll_wakes_soon_after_pubsub_loss(hub_factory, red
             assert froze > 1, f"degraded {froze:.1f} s after SIGSTOP: before any silence?"
         finally:
             redis_server.ensure_running()
+
+
+async def test_a_busy_connection_pool_waits_its_turn_not_the_breaker(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More concurrent calls than pooled connections (a thousand edges pulling at once) wait
+    for a free connection; none fails with "Too many connections" and opens the breaker."""
+    monkeypatch.setattr(cache_module, "MAX_CONNECTIONS", 3)
+    cache = Cache(redis_url, namespace="syncengine:busy-pool")
+    await cache.start()
+    try:
+        answers = await asyncio.gather(*(cache.ping() for _ in range(300)))
+        assert all(answers) and not cache.degraded
+    finally:
+        await cache.close()
