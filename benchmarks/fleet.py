@@ -307,14 +307,17 @@ def _results(workers: list[Any], out: Any) -> list[dict[str, Any]]:
     return results
 
 
-async def _hub_push_quantiles(url: str) -> tuple[float, float]:
+async def _hub_push_figures(url: str) -> tuple[float, float, float]:
     """The hub's own p50 and p99 of POST /v1/push (s), as the upper bounds of the buckets
-    of its request histogram that hold them: what the hub took, without the queueing of the
-    benchmark's own crowded worker processes."""
+    of its request histogram that hold them (what the hub took, without the queueing of the
+    benchmark's own crowded worker processes), and the push batches it applied."""
     async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as resp:
         text = await resp.text()
     buckets: dict[float, float] = {}
+    pushes = 0.0
     for family in text_string_to_metric_families(text):
+        if family.name == "syncengine_hub_pushes":
+            pushes += sum(s.value for s in family.samples if s.name.endswith("_total"))
         if family.name != "syncengine_hub_request_seconds":
             continue
         for sample in family.samples:
@@ -327,7 +330,7 @@ async def _hub_push_quantiles(url: str) -> tuple[float, float]:
     def bound(q: float) -> float:
         return next((le for le in bounds if buckets[le] >= q * total), float("nan"))
 
-    return bound(0.5), bound(0.99)
+    return bound(0.5), bound(0.99), pushes
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -442,7 +445,7 @@ async def main() -> None:
                     if p.is_alive():
                         p.terminate()
         hub_rss = _rss_mb(bench.hub_pid)
-        hub_p50, hub_p99 = await _hub_push_quantiles(bench.url)
+        hub_p50, hub_p99, hub_pushes = await _hub_push_figures(bench.url)
         copy = await raw_copy_rate(bench.dsn, make_changes("copy", 1, 100_000))
     writes = sum(r["writes"] for r in results)
     push_s = [t for r in results for t in r["push_s"]]
@@ -455,6 +458,7 @@ async def main() -> None:
         "written": writes,
         "written_per_s": round(writes / args.seconds),
         "hub_changes_per_s": round(head / args.seconds),
+        "hub_push_batches": round(hub_pushes),
         "hub_push_p50_ms_at_most": round(hub_p50 * 1000),
         "hub_push_p99_ms_at_most": round(hub_p99 * 1000),
         "push_p50_ms": round(_pct(push_s, 50), 1),
