@@ -309,7 +309,7 @@ class Hub:
             crashpoints.crashpoint("hub.cache.after_pg_commit_before_redis_set")
             await self.cache.put_feed_batch(result.epoch, result.feed_rows)
         if result.tiers:
-            changed = _changed_cells(result.feed_rows, result.tiers)
+            changed = _changed_cells(result.feed_rows)
             self._local_wake(changed)
             await self.cache.publish_wakeup(changed)
         return self._msgpack_response(request, encode_push_answer(result.answer))
@@ -582,12 +582,12 @@ def _watch_params(values: list[str], tier: int) -> dict[int, int]:
     return watch
 
 
-def _changed_cells(feed_rows: list[list[Any]], tiers: frozenset[int]) -> Changed:
+def _changed_cells(feed_rows: list[list[Any]]) -> Changed:
     """Per tier, the cells a push wrote (feed rows are ``[id, tier, cell, …]``)."""
-    changed: dict[int, set[str]] = {t: set() for t in tiers}
+    changed: dict[int, set[str]] = {}
     for row in feed_rows:
         changed.setdefault(row[1], set()).add(row[2])
-    return {t: frozenset(cells) if cells else None for t, cells in changed.items()}
+    return {t: frozenset(cells) for t, cells in changed.items()}
 
 
 def _tier_param(value: str) -> int:

@@ -872,7 +872,7 @@ async def check(run: Run) -> Verdict:
     converge = sorted(t for t in run.converge_s.values() if t is not None)
     # TCP payload through the edges' proxies, both ways: pushes, pulls, long-polls, config.
     up = sum(e.shaped.proxy.stats.bytes_up for e in run.edges)
-    wire = up + sum(e.shaped.proxy.stats.bytes_down for e in run.edges)
+    wire = sum(wire_bytes(e) for e in run.edges)
     durations = [c.end - c.start for c in calls]
     faults = Counter(run.applied)
     for e in run.edges:
