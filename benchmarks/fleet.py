@@ -1,12 +1,14 @@
 """A region's fleet against one hub: N edges writing, pushing and pulling at once.
 
     .venv/bin/python benchmarks/fleet.py [--edges N] [--rate R] [--seconds S] [--workers W]
-                                         [--important-s I] [--json]
+                                         [--tick T] [--important-s I] [--json]
 
 N light edges (default 1,000), each with its own SQLite store, share W worker processes
 (default 2; one event loop each, one aiohttp session per process) and talk to one hub process
 on loopback. Each edge writes R changes/s (default 10) for S seconds with a realistic mix:
 5% critical alerts, 60% important stock, 35% standard visits, each in its own clinic's cells.
+An edge's writes come in bursts, each tick (``--tick``, default 1 s) together, as a clinic's
+app saves a form's records at once: its store commits them in one transaction.
 Subscriptions overlap: an edge pulls its own cells and the stock of the ten clinics of its
 district.
 
@@ -221,7 +223,7 @@ async def _worker_main(job: dict[str, Any], shared: dict[str, Any]) -> dict[str,
             i: Schedule(s, important_s=job["important_s"], rng=random.Random(i)) for i, s in edges
         }
         tasks = [t for sch in schedules.values() for t in sch.run()]
-        tick = 0.1
+        tick = job["tick"]
         per_tick = job["rate"] * tick
         carry = 0.0
         n = 0
@@ -307,17 +309,21 @@ def _results(workers: list[Any], out: Any) -> list[dict[str, Any]]:
     return results
 
 
-async def _hub_push_figures(url: str) -> tuple[float, float, float]:
+async def _hub_push_figures(url: str) -> tuple[float, float, float, float]:
     """The hub's own p50 and p99 of POST /v1/push (s), as the upper bounds of the buckets
     of its request histogram that hold them (what the hub took, without the queueing of the
-    benchmark's own crowded worker processes), and the push batches it applied."""
+    benchmark's own crowded worker processes), the push batches it applied and the
+    transactions it applied them in (group commit)."""
     async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as resp:
         text = await resp.text()
     buckets: dict[float, float] = {}
     pushes = 0.0
+    groups = 0.0
     for family in text_string_to_metric_families(text):
         if family.name == "syncengine_hub_pushes":
             pushes += sum(s.value for s in family.samples if s.name.endswith("_total"))
+        if family.name == "syncengine_hub_push_group_batches":
+            groups += sum(s.value for s in family.samples if s.name.endswith("_count"))
         if family.name != "syncengine_hub_request_seconds":
             continue
         for sample in family.samples:
@@ -330,7 +336,7 @@ async def _hub_push_figures(url: str) -> tuple[float, float, float]:
     def bound(q: float) -> float:
         return next((le for le in bounds if buckets[le] >= q * total), float("nan"))
 
-    return bound(0.5), bound(0.99), pushes
+    return bound(0.5), bound(0.99), pushes, groups
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -359,6 +365,13 @@ async def main() -> None:
         help="how long edges write (default 60: one important push interval)",
     )
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--tick",
+        type=float,
+        default=1.0,
+        help="each edge writes a tick's changes together, as an app saving a form does "
+        "(default 1 s: its store commits them in one transaction)",
+    )
     parser.add_argument(
         "--important-s",
         dest="important_s",
@@ -401,6 +414,7 @@ async def main() -> None:
                     "idle_wait_s": args.idle_wait_s,
                     "seed": w,
                     "seconds": args.seconds,
+                    "tick": args.tick,
                 }
                 procs.append(job)
             workers = [ctx.Process(target=_worker, args=(j, shared, out)) for j in procs]
@@ -445,7 +459,7 @@ async def main() -> None:
                     if p.is_alive():
                         p.terminate()
         hub_rss = _rss_mb(bench.hub_pid)
-        hub_p50, hub_p99, hub_pushes = await _hub_push_figures(bench.url)
+        hub_p50, hub_p99, hub_pushes, hub_groups = await _hub_push_figures(bench.url)
         copy = await raw_copy_rate(bench.dsn, make_changes("copy", 1, 100_000))
     writes = sum(r["writes"] for r in results)
     push_s = [t for r in results for t in r["push_s"]]
@@ -459,6 +473,7 @@ async def main() -> None:
         "written_per_s": round(writes / args.seconds),
         "hub_changes_per_s": round(head / args.seconds),
         "hub_push_batches": round(hub_pushes),
+        "hub_push_transactions": round(hub_groups),
         "hub_push_p50_ms_at_most": round(hub_p50 * 1000),
         "hub_push_p99_ms_at_most": round(hub_p99 * 1000),
         "push_p50_ms": round(_pct(push_s, 50), 1),

@@ -36,7 +36,6 @@ from typing import Any, Final
 import asyncpg
 from aiohttp import web
 
-from syncengine import crashpoints
 from syncengine.cells import parse_cell
 from syncengine.clock import HybridClock
 from syncengine.codec import Limits, encode
@@ -95,6 +94,16 @@ class Hub:
         self.limits = Limits(max_body_bytes=config.max_body_bytes)
         self.metrics = HubMetrics()
         self.activity = NodeActivity(pool)
+        # Pushes apply in groups, one transaction each (group commit).
+        self.pushes = push.Applier(
+            pool,
+            region=config.region,
+            clock=self.clock,
+            tier_rules=config.tier_rules,
+            resolvers=self.resolvers,
+            after_commit=self._announce,
+            on_group=self.metrics.push_group.observe,
+        )
         self._exported = (0, 0, 0)  # cache hits, misses and sparse pages already exported
         self.started = time.time()
         # Held long-polls, woken by the pushes that concern them; Redis pub/sub carries the
@@ -128,6 +137,7 @@ class Hub:
             await cache.start()
             stack.push_async_callback(cache.close)
             hub = cls(config, pool, cache)
+            stack.push_async_callback(hub.pushes.close)
             cache.on_wakeup = hub._local_wake
             await hub.maintain_feed()  # the coming days' partitions exist before any push
             keeper = asyncio.create_task(hub._keep_feed(), name="feed maintenance")
@@ -292,27 +302,21 @@ class Hub:
         push.check_batch(
             node, batch, region=self.config.region, clock=self.clock, resolvers=self.resolvers
         )
-        result = await push.apply_push(
-            self.pool,
-            node,
-            batch,
-            region=self.config.region,
-            clock=self.clock,
-            tier_rules=self.config.tier_rules,
-            resolvers=self.resolvers,
-        )
+        result = await push.apply_push(self.pushes, node, batch)
         self.metrics.pushes.labels(tier=Tier.from_priority(batch.lane).value).inc()
         self.metrics.changes_applied.inc(result.answer.applied)
         self.metrics.batch_size.observe(len(batch.changes))
         self.metrics.conflicts.inc(result.answer.conflicts)
-        if result.feed_rows:
-            crashpoints.crashpoint("hub.cache.after_pg_commit_before_redis_set")
-            await self.cache.put_feed_batch(result.epoch, result.feed_rows)
-        if result.tiers:
-            changed = _changed_cells(result.feed_rows)
-            self._local_wake(changed)
-            await self.cache.publish_wakeup(changed)
         return self._msgpack_response(request, encode_push_answer(result.answer))
+
+    async def _announce(self, applied: list[push.AppliedBatch]) -> None:
+        """After a group of pushes commits: cache its feed rows (one contiguous run of ids)
+        and wake the long-polls reading its cells, here and in the other hub processes."""
+        rows = [row for batch in applied for row in batch.feed_rows]
+        await self.cache.put_feed_batch(applied[0].epoch, rows)
+        changed = _changed_cells(rows)
+        self._local_wake(changed)
+        await self.cache.publish_wakeup(changed)
 
     async def _pull(self, request: web.Request) -> web.Response:
         node = await self._node(request)

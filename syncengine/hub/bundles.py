@@ -93,35 +93,34 @@ async def import_outbox(pool: asyncpg.Pool, config: HubConfig, path: Path) -> di
     applied = conflicts = 0
     refused: list[dict[str, Any]] = []
     stopped: set[int] = set()
-    for batch in batches:
-        if batch.lane in stopped:
-            continue
-        try:
-            result = await push.apply_push(
-                pool,
-                node,
-                batch,
-                region=config.region,
-                clock=clock,
-                tier_rules=config.tier_rules,
-                resolvers=resolvers,
-            )
-        except SyncError as exc:
-            if exc.http_status >= 500:
-                raise
-            stopped.add(batch.lane)
-            refused.append(
-                {
-                    "tier": Tier.from_priority(batch.lane).value,
-                    "first_seq": batch.first_seq,
-                    "last_seq": batch.last_seq,
-                    "code": exc.code,
-                    "message": exc.message,
-                }
-            )
-            continue
-        applied += result.answer.applied
-        conflicts += result.answer.conflicts
+    async with push.Applier(
+        pool,
+        region=config.region,
+        clock=clock,
+        tier_rules=config.tier_rules,
+        resolvers=resolvers,
+    ) as applier:
+        for batch in batches:
+            if batch.lane in stopped:
+                continue
+            try:
+                result = await push.apply_push(applier, node, batch)
+            except SyncError as exc:
+                if exc.http_status >= 500:
+                    raise
+                stopped.add(batch.lane)
+                refused.append(
+                    {
+                        "tier": Tier.from_priority(batch.lane).value,
+                        "first_seq": batch.first_seq,
+                        "last_seq": batch.last_seq,
+                        "code": exc.code,
+                        "message": exc.message,
+                    }
+                )
+                continue
+            applied += result.answer.applied
+            conflicts += result.answer.conflicts
     async with translated("bundle"):
         acked = await acked_seqs(pool, node.node_id)
     return {

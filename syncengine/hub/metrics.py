@@ -30,6 +30,12 @@ class HubMetrics:
             buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000),
             registry=r,
         )
+        self.push_group = Histogram(
+            "syncengine_hub_push_group_batches",
+            "Push batches applied per PostgreSQL transaction (group commit)",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
         self.conflicts = Counter("syncengine_hub_conflicts", "Conflicts logged", registry=r)
         self.errors = Counter(
             "syncengine_hub_errors", "Errors answered, by code", ["code"], registry=r

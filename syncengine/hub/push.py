@@ -1,21 +1,25 @@
-"""Applying a pushed batch: exactly once, in one PostgreSQL transaction.
+"""Applying pushed batches: exactly once, several to one PostgreSQL transaction.
 
-The whole batch is applied under the region's feed-append lock (a transaction-level advisory
+Batches are applied under the region's feed-append lock (a transaction-level advisory
 lock). That lock is what makes the change feed gap-free: feed ids are taken from
 ``feed_head`` while holding it, so ids are contiguous and in commit order, and a puller's
 cursor can never pass an id that commits later. It also serializes concurrent pushes of
 one node lane, so the dedup check (``node_lanes.acked_seq``) and the apply cannot race.
 
-The cost is that pushes to one region apply one at a time. What happens inside the lock is
-small and set-based — a handful of statements per batch whatever its size (``unnest``
-arrays, never one statement per change) — and all decoding and validation happens before
-the lock is taken. ``benchmarks/sync_push.py`` measures the resulting rate beside raw COPY.
+The cost is that pushes to one region apply one transaction at a time. So a hub process
+applies them in groups (:class:`Applier`, group commit): whatever queued while one group
+committed goes in the next, one lock acquisition, one commit and a handful of set-based
+statements (``unnest`` arrays and COPY, never one statement per change) for all of it.
+All decoding and validation happens before, outside the lock. ``benchmarks/sync_push.py``
+measures one edge's rate beside raw COPY; ``benchmarks/fleet.py`` a thousand edges'.
 
 Dedup: per ``(node, lane)`` the hub keeps the highest seq applied. A batch at or below it
 is a replay and answers the same ``acked``; a batch starting beyond it + 1 is a gap (409);
-an overlapping batch applies only the seqs above it. Edges pipeline their batches, so a batch
-may arrive before the one it follows: it waits a moment for it before being called a gap. A "replay" whose changes differ from the
-ones held under the same seqs (by ``hlc``) is refused (409 ``seq_reused``), never dropped.
+an overlapping batch applies only the seqs above it. Edges pipeline their batches, so a
+batch may arrive before the one it follows: it waits a moment for it before being called
+a gap. A "replay" whose changes differ from the ones held under the same seqs (by ``hlc``)
+is refused (409 ``seq_reused``), never dropped. Each batch of a group is decided on its
+own: a refused batch fails alone.
 """
 
 from __future__ import annotations
@@ -24,19 +28,27 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import asyncpg
 
-from syncengine import crashpoints
+from syncengine import crashpoints, tasks
 from syncengine.clock import HybridClock, hlc_millis
 from syncengine.codec import encode
-from syncengine.errors import ClockDriftError, ForbiddenError, SequenceError, SyncError
+from syncengine.errors import (
+    ClockDriftError,
+    ForbiddenError,
+    HubUnavailableError,
+    SequenceError,
+    SyncError,
+)
 from syncengine.hub.db import STAGING_TABLE, pg_json, translated
 from syncengine.hub.nodes import Node, check_writable
 from syncengine.merge import (
     DEFAULT_RESOLVER,
+    Change,
     Conflict,
     RecordState,
     apply_change,
@@ -45,7 +57,7 @@ from syncengine.merge import (
 from syncengine.protocol import PushAnswer, PushBatch
 from syncengine.tiers import TierRules
 
-__all__ = ["FEED_LOCK_KEY", "AppliedBatch", "apply_push", "check_batch"]
+__all__ = ["FEED_LOCK_KEY", "AppliedBatch", "Applier", "apply_push", "check_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -110,26 +122,18 @@ def check_batch(
             raise
 
 
-async def _check_replayed(
-    conn: asyncpg.Connection, node: Node, batch: PushBatch, acked: int
-) -> None:
+def _check_replayed(node: Node, batch: PushBatch, acked: int, held: dict[int, int]) -> None:
     """Refuse seqs the hub already holds when they carry other changes than the ones it holds.
 
-    A real replay resends the very changes (same ``hlc``). Other changes under held seqs come
-    from an older copy of the node's store (a backup put back, then written to) or from two
-    stores under one node id; answering them as replays would drop them for good.
+    ``held`` maps the lane's seqs at or below ``acked`` to the ``hlc`` the hub holds under
+    them. A real replay resends the very changes (same ``hlc``). Other changes under held
+    seqs come from an older copy of the node's store (a backup put back, then written to) or
+    from two stores under one node id; answering them as replays would drop them for good.
     """
-    replayed = {c.seq: c.hlc for c in batch.changes if c.seq <= acked}
-    if not replayed:
-        return
-    rows = await conn.fetch(
-        "SELECT seq, hlc FROM feed WHERE node_id = $1 AND lane = $2 AND seq = ANY($3::bigint[])",
-        node.node_id,
-        batch.lane,
-        list(replayed),
-    )
     # Seqs whose feed entries are gone (retention) cannot be compared; they pass as replays.
-    reused = sorted(r["seq"] for r in rows if r["hlc"] != replayed[r["seq"]])
+    reused = sorted(
+        c.seq for c in batch.changes if c.seq <= acked and held.get(c.seq, c.hlc) != c.hlc
+    )
     if reused:
         raise SequenceError(
             f"lane {batch.lane} of node {node.node_id!r}: seqs {reused[0]}..{reused[-1]} "
@@ -148,21 +152,44 @@ class _Gap(Exception):
         self.acked = acked
 
 
+class _Replay(Exception):
+    """The whole batch is held already: answer as the first time, change nothing."""
+
+
+def _admit(
+    node: Node, batch: PushBatch, acked: int, held: dict[int, int], region: str
+) -> list[Change]:
+    """The changes of ``batch`` to apply, given the lane's ``acked`` seq and the ``hlc``s
+    held under the seqs at or below it. Raises :class:`_Replay`, :class:`_Gap`, or the
+    :class:`SyncError` refusing the batch (nothing of it is written)."""
+    _check_replayed(node, batch, acked, held)
+    if batch.last_seq <= acked:
+        raise _Replay
+    if batch.first_seq > acked + 1:
+        raise _Gap(acked)
+    todo = [c for c in batch.changes if c.seq > acked]
+    # Grants are checked here, on what is not applied yet: a replay of changes applied
+    # before the operator narrowed the grants must answer as the first time did, not
+    # 403 — or the edge would dead-letter changes the hub already holds.
+    checked: set[str] = set()  # a batch touches few cells: check each once
+    for c in todo:
+        if c.cell in checked:
+            continue
+        try:
+            check_writable(node, region, [c.cell])
+        except SyncError as exc:
+            exc.detail.update(seq=c.seq, lane=batch.lane)
+            raise
+        checked.add(c.cell)
+    return todo
+
+
 #: Per node lane, set when a batch of it commits in this process (pipelined batches wait
 #: on it for their predecessor).
 _advanced: dict[tuple[str, int], asyncio.Event] = {}
 
 
-async def apply_push(
-    pool: asyncpg.Pool,
-    node: Node,
-    batch: PushBatch,
-    *,
-    region: str,
-    clock: HybridClock,
-    tier_rules: TierRules,
-    resolvers: dict[str, str],
-) -> AppliedBatch:
+async def apply_push(applier: Applier, node: Node, batch: PushBatch) -> AppliedBatch:
     """Apply ``batch`` (already checked with :func:`check_batch`) exactly once.
 
     A batch that starts past the next seq the hub expects waits up to :data:`GAP_WAIT_S`
@@ -173,15 +200,7 @@ async def apply_push(
     while True:
         advanced = _advanced.setdefault(lane_key, asyncio.Event())
         try:
-            applied = await _apply_once(
-                pool,
-                node,
-                batch,
-                region=region,
-                clock=clock,
-                tier_rules=tier_rules,
-                resolvers=resolvers,
-            )
+            applied = await applier.apply(node, batch)
         except _Gap as gap:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -202,126 +221,365 @@ async def apply_push(
         return applied
 
 
-async def _apply_once(
-    pool: asyncpg.Pool,
-    node: Node,
-    batch: PushBatch,
-    *,
-    region: str,
-    clock: HybridClock,
-    tier_rules: TierRules,
-    resolvers: dict[str, str],
-) -> AppliedBatch:
-    async with translated("push"), pool.acquire() as conn, conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", FEED_LOCK_KEY)
-        acked = await conn.fetchval(
-            "INSERT INTO node_lanes (node_id, lane) VALUES ($1, $2) "
-            "ON CONFLICT (node_id, lane) DO UPDATE SET acked_seq = node_lanes.acked_seq "
-            "RETURNING acked_seq",
-            node.node_id,
-            batch.lane,
-        )
-        await _check_replayed(conn, node, batch, acked)
-        if batch.last_seq <= acked:  # a replay: answer as the first time, change nothing
-            return AppliedBatch(
-                answer=_answer(batch, acked, clock, applied=0, conflicts=0),
-                first_id=0,
-                last_id=0,
-                tiers=frozenset(),
+#: A group takes at most this many queued batches, and no more once it holds this many
+#: changes (a batch is never split). The group's transaction holds the feed lock, so this
+#: bounds how long the next group, perhaps a critical push, waits behind it.
+MAX_GROUP_BATCHES: Final = 64
+MAX_GROUP_CHANGES: Final = 10_000
+#: How long closing the applier waits for the group in flight to commit.
+CLOSE_TIMEOUT_S: Final = 10.0
+
+
+@dataclass(slots=True)
+class _Pending:
+    node: Node
+    batch: PushBatch
+    future: asyncio.Future[AppliedBatch]
+
+
+class Applier:
+    """Applies pushed batches several to a PostgreSQL transaction (group commit).
+
+    Pushes queue here, and one task applies what has queued: one transaction, one feed-lock
+    acquisition, one statement of each kind for the whole group. While a group commits the
+    next one gathers, so a lone push waits for nothing, and under load each push costs a
+    share of one transaction instead of queueing for the lock on its own. Each batch is
+    still decided on its own (replay, gap, grants): a refused batch fails alone and the
+    rest of its group commits. Groups are filled most important lane first.
+
+    A group that fails for another reason than the database being unavailable (a bug, a
+    value PostgreSQL refuses) is applied again batch by batch, so only the batch at fault
+    fails. ``after_commit`` runs after each commit, with the batches that wrote feed rows,
+    before their pushers are answered (the hub caches the rows and sends the wake-ups).
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        region: str,
+        clock: HybridClock,
+        tier_rules: TierRules,
+        resolvers: dict[str, str],
+        after_commit: Callable[[list[AppliedBatch]], Awaitable[None]] | None = None,
+        on_group: Callable[[int], None] | None = None,
+    ) -> None:
+        self.pool = pool
+        self.region = region
+        self.clock = clock
+        self.tier_rules = tier_rules
+        self.resolvers = resolvers
+        self.after_commit = after_commit
+        self.on_group = on_group
+        self._queue: list[_Pending] = []
+        self._worker: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def apply(self, node: Node, batch: PushBatch) -> AppliedBatch:
+        """Apply ``batch`` in the next group: one attempt (raises :class:`_Gap` for
+        :func:`apply_push` to wait on). A caller cancelled once its group began does not stop
+        it: the batch commits or not with the group, and a retry is answered as a replay."""
+        if self._closed:
+            raise HubUnavailableError(
+                "the hub is shutting down", hint="Retry against another hub or later."
             )
-        if batch.first_seq > acked + 1:
-            raise _Gap(acked)  # (the transaction rolls back: nothing was written)
-        todo = [c for c in batch.changes if c.seq > acked]
-        # Grants are checked here, on what is not applied yet: a replay of changes applied
-        # before the operator narrowed the grants must answer as the first time did, not
-        # 403 — or the edge would dead-letter changes the hub already holds.
-        checked: set[str] = set()  # a batch touches few cells: check each once
-        for c in todo:
-            if c.cell in checked:
+        future: asyncio.Future[AppliedBatch] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(node, batch, future))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._run(), name="push groups")
+        return await future
+
+    async def __aenter__(self) -> Applier:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Refuse new batches, let the group in flight commit (bounded), fail the rest."""
+        self._closed = True
+        worker = self._worker
+        if worker is None or worker.done():
+            return
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await asyncio.shield(worker)
+        except TimeoutError:
+            await tasks.stop(worker)
+
+    def _take(self) -> list[_Pending]:
+        """The next group: waiting batches by lane priority, then arrival."""
+        self._queue = [p for p in self._queue if not p.future.done()]  # callers gone
+        self._queue.sort(key=lambda p: p.batch.lane)  # stable: arrival order within a lane
+        group: list[_Pending] = []
+        changes = 0
+        for p in self._queue:
+            if group and (
+                len(group) >= MAX_GROUP_BATCHES
+                or changes + len(p.batch.changes) > MAX_GROUP_CHANGES
+            ):
+                break
+            group.append(p)
+            changes += len(p.batch.changes)
+        del self._queue[: len(group)]
+        return group
+
+    async def _run(self) -> None:
+        group: list[_Pending] = []
+        try:
+            while self._queue:
+                group = self._take()
+                if not group:
+                    continue
+                if self.on_group is not None:
+                    self.on_group(len(group))
+                try:
+                    await self._commit(group)
+                except HubUnavailableError as exc:  # the database is away: all fail alike
+                    _fail(group, exc)
+                except Exception as exc:
+                    if len(group) == 1:
+                        _fail(group, exc)
+                        continue
+                    log.warning(
+                        "a group of %d push batches failed (%s); applying them one by one",
+                        len(group),
+                        exc,
+                    )
+                    for p in group:
+                        try:
+                            await self._commit([p])
+                        except Exception as one:
+                            _fail([p], one)
+        finally:
+            # Cancelled (closing): no caller may wait for an answer that never comes.
+            gone = HubUnavailableError(
+                "the hub stopped before applying this batch", hint="The edge retries it."
+            )
+            _fail(group + self._queue, gone)
+            self._queue.clear()
+
+    async def _commit(self, group: list[_Pending]) -> None:
+        outcomes = await self._apply_group(group)
+        applied = [o for o in outcomes if isinstance(o, AppliedBatch) and o.feed_rows]
+        if applied and self.after_commit is not None:
+            crashpoints.crashpoint("hub.cache.after_pg_commit_before_redis_set")
+            await self.after_commit(applied)
+        for p, outcome in zip(group, outcomes, strict=True):
+            if p.future.done():
                 continue
-            try:
-                check_writable(node, region, [c.cell])
-            except SyncError as exc:
-                exc.detail.update(seq=c.seq, lane=batch.lane)
-                raise
-            checked.add(c.cell)
+            if isinstance(outcome, BaseException):
+                p.future.set_exception(outcome)
+            else:
+                p.future.set_result(outcome)
+
+    async def _apply_group(self, group: list[_Pending]) -> list[AppliedBatch | Exception]:
+        outcomes: list[AppliedBatch | Exception] = [_NOT_DECIDED] * len(group)
+        order = _in_seq_order(group)
+        async with translated("push"), self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", FEED_LOCK_KEY)
+            lanes = sorted({(p.node.node_id, p.batch.lane) for p in group})
+            rows = await conn.fetch(
+                "SELECT node_id, lane, acked_seq FROM node_lanes "
+                "WHERE (node_id, lane) IN (SELECT * FROM unnest($1::text[], $2::int2[])) "
+                "FOR UPDATE",
+                *_columns(lanes),
+            )
+            # A lane the hub never saw has applied nothing; its row is written only when a
+            # batch of it applies (a refused batch changes nothing).
+            acked_of = dict.fromkeys(lanes, 0)
+            acked_of.update(((r["node_id"], r["lane"]), r["acked_seq"]) for r in rows)
+            started = dict(acked_of)
+            held = await _held_hlcs(conn, group, acked_of)
+            work: list[tuple[int, list[Change]]] = []
+            for i in order:
+                node, batch = group[i].node, group[i].batch
+                lane_key = (node.node_id, batch.lane)
+                acked = acked_of[lane_key]
+                try:
+                    todo = _admit(node, batch, acked, held.setdefault(lane_key, {}), self.region)
+                except _Replay:
+                    outcomes[i] = AppliedBatch(
+                        answer=_answer(batch, acked, self.clock, applied=0, conflicts=0),
+                        first_id=0,
+                        last_id=0,
+                        tiers=frozenset(),
+                    )
+                    continue
+                except (_Gap, SyncError) as exc:
+                    outcomes[i] = exc
+                    continue
+                acked_of[lane_key] = batch.last_seq
+                held[lane_key].update((c.seq, c.hlc) for c in todo)
+                work.append((i, todo))
+            written = await self._write(conn, group, work) if work else {}
+            if work:
+                # One row per lane: the last seq the group applied of it.
+                advanced = sorted(k for k, acked in acked_of.items() if acked != started[k])
+                await conn.execute(
+                    "INSERT INTO node_lanes (node_id, lane, acked_seq) "
+                    "SELECT * FROM unnest($1::text[], $2::int2[], $3::int8[]) "
+                    "ON CONFLICT (node_id, lane) DO UPDATE "
+                    "SET acked_seq = excluded.acked_seq, updated_at = now()",
+                    *_columns(
+                        (node_id, lane, acked_of[node_id, lane]) for node_id, lane in advanced
+                    ),
+                )
+                await conn.execute(
+                    "UPDATE nodes SET last_seen = now() WHERE node_id = ANY($1::text[])",
+                    sorted({group[i].node.node_id for i, _ in work}),
+                )
+            crashpoints.crashpoint("hub.push.before_commit")
+        # Committed. Fold the stamps so the hub clock (sent back to edges) never lags them.
+        if work:
+            # Cannot drift after check_batch, unless the wall clock stepped back meanwhile.
+            with contextlib.suppress(ClockDriftError):
+                self.clock.observe(max(c.hlc for _, todo in work for c in todo))
+        crashpoints.crashpoint("hub.push.after_commit_before_response")
+        for i, todo in work:
+            batch = group[i].batch
+            first_id, last_id, epoch, feed_rows, conflicts = written[i]
+            outcomes[i] = AppliedBatch(
+                answer=_answer(
+                    batch, batch.last_seq, self.clock, applied=len(todo), conflicts=conflicts
+                ),
+                first_id=first_id,
+                last_id=last_id,
+                tiers=frozenset(row[1] for row in feed_rows),
+                feed_rows=feed_rows,
+                epoch=epoch,
+            )
+        return outcomes
+
+    async def _write(
+        self,
+        conn: asyncpg.Connection,
+        group: list[_Pending],
+        work: list[tuple[int, list[Change]]],
+    ) -> dict[int, tuple[int, int, str, list[list[Any]], int]]:
+        """Merge and write the admitted changes of the group, in ``work``'s order: feed rows
+        (contiguous ids), records, cells, conflicts. Returns per batch its first and last
+        feed id, the epoch, its feed rows and its conflict count."""
+        changes = [c for _, todo in work for c in todo]
+        if not changes:  # batches of skipped seqs only (dead letters): no feed rows
+            return {i: (0, 0, "", [], 0) for i, _ in work}
+        states = await _load_states(conn, {(c.cell, c.collection, c.key) for c in changes})
+        touched: dict[RecordKey, RecordState] = {}
         conflicts: list[Conflict] = []
-        feed_rows: list[list[Any]] = []
-        first_id = last_id = 0
-        epoch = ""
-        tiers: set[int] = set()
-        if todo:
-            states = await _load_states(conn, {(c.cell, c.collection, c.key) for c in todo})
-            touched: dict[RecordKey, RecordState] = {}
+        conflicts_of: dict[int, int] = {}
+        for i, todo in work:
+            before = len(conflicts)
             for c in todo:
                 rk = (c.cell, c.collection, c.key)
                 result = apply_change(
                     states.get(rk),
                     c,
-                    resolvers.get(c.collection, DEFAULT_RESOLVER),
+                    self.resolvers.get(c.collection, DEFAULT_RESOLVER),
                     detect_conflicts=True,
                 )
                 states[rk] = touched[rk] = result.state
                 conflicts.extend(result.conflicts)
-            last_id, epoch = await conn.fetchrow(
-                "UPDATE feed_head SET id = id + $1 RETURNING id, epoch", len(todo)
-            )
-            first_id = last_id - len(todo) + 1
-            tier_of = {cell: tier_rules.tier_for(cell).priority for cell in checked}
-            tiers = set(tier_of.values())
-            feed_rows = [
-                [
-                    first_id + i,
-                    tier_of[c.cell],
-                    c.cell,
-                    c.collection,
-                    c.key,
-                    node.node_id,
-                    batch.lane,
-                    c.seq,
-                    c.hlc,
-                    None if c.fields is None else encode(c.fields),
-                    encode(dict(c.base)) if c.base else None,
-                ]
-                for i, c in enumerate(todo)
-            ]
-            await _append_feed(conn, feed_rows)
-            crashpoints.crashpoint("hub.feed.after_append_before_commit")
-            record_feed_id = {
-                (c.cell, c.collection, c.key): first_id + i for i, c in enumerate(todo)
-            }
-            await _write_records(conn, touched, record_feed_id)
-            await conn.execute(
-                "INSERT INTO cells (cell, tier) SELECT * FROM unnest($1::text[], $2::int2[]) "
-                "ON CONFLICT (cell) DO NOTHING",
-                list(tier_of),
-                list(tier_of.values()),
-            )
-            if conflicts:
-                await _log_conflicts(conn, conflicts)
-        await conn.execute(
-            "UPDATE node_lanes SET acked_seq = $3, updated_at = now() "
-            "WHERE node_id = $1 AND lane = $2",
-            node.node_id,
-            batch.lane,
-            batch.last_seq,
+            conflicts_of[i] = len(conflicts) - before
+        last_id, epoch = await conn.fetchrow(
+            "UPDATE feed_head SET id = id + $1 RETURNING id, epoch", len(changes)
         )
-        await conn.execute("UPDATE nodes SET last_seen = now() WHERE node_id = $1", node.node_id)
-        crashpoints.crashpoint("hub.push.before_commit")
-    # Committed. Fold the batch's stamps so the hub clock (sent back to edges) never lags them.
-    if todo:
-        # Cannot drift after check_batch, unless the wall clock stepped back meanwhile.
-        with contextlib.suppress(ClockDriftError):
-            clock.observe(max(c.hlc for c in todo))
-    crashpoints.crashpoint("hub.push.after_commit_before_response")
-    return AppliedBatch(
-        answer=_answer(batch, batch.last_seq, clock, applied=len(todo), conflicts=len(conflicts)),
-        first_id=first_id,
-        last_id=last_id,
-        tiers=frozenset(tiers),
-        feed_rows=feed_rows,
-        epoch=epoch,
+        next_id = last_id - len(changes) + 1
+        tier_of = {c.cell: self.tier_rules.tier_for(c.cell).priority for c in changes}
+        written: dict[int, tuple[int, int, str, list[list[Any]], int]] = {}
+        all_rows: list[list[Any]] = []
+        record_feed_id: dict[RecordKey, int] = {}
+        for i, todo in work:
+            node, batch = group[i].node, group[i].batch
+            rows = []
+            for c in todo:
+                record_feed_id[(c.cell, c.collection, c.key)] = next_id  # the latest wins
+                rows.append(
+                    [
+                        next_id,
+                        tier_of[c.cell],
+                        c.cell,
+                        c.collection,
+                        c.key,
+                        node.node_id,
+                        batch.lane,
+                        c.seq,
+                        c.hlc,
+                        None if c.fields is None else encode(c.fields),
+                        encode(dict(c.base)) if c.base else None,
+                    ]
+                )
+                next_id += 1
+            span = (rows[0][0], rows[-1][0]) if rows else (0, 0)
+            written[i] = (*span, epoch, rows, conflicts_of[i])
+            all_rows.extend(rows)
+        await _append_feed(conn, all_rows)
+        crashpoints.crashpoint("hub.feed.after_append_before_commit")
+        await _write_records(conn, touched, record_feed_id)
+        await conn.execute(
+            "INSERT INTO cells (cell, tier) SELECT * FROM unnest($1::text[], $2::int2[]) "
+            "ON CONFLICT (cell) DO NOTHING",
+            list(tier_of),
+            list(tier_of.values()),
+        )
+        if conflicts:
+            await _log_conflicts(conn, conflicts)
+        return written
+
+
+#: Placeholder of an outcome not decided yet (every one is decided before it is read).
+_NOT_DECIDED: Final = Exception("not decided")
+
+
+def _in_seq_order(group: list[_Pending]) -> list[int]:
+    """The order to decide a group's batches in: the group's own (lane priority, then
+    arrival), except that the batches of one node lane go in seq order, so pipelined
+    batches that queued out of order apply together instead of the later one waiting out
+    a gap. (They take the slots the lane's batches hold in the group.)"""
+    slots: dict[tuple[str, int], list[int]] = {}
+    for i, p in enumerate(group):
+        slots.setdefault((p.node.node_id, p.batch.lane), []).append(i)
+    order = list(range(len(group)))
+    for held in slots.values():
+        by_seq = sorted(held, key=lambda i: group[i].batch.first_seq)
+        for slot, i in zip(held, by_seq, strict=True):
+            order[slot] = i
+    return order
+
+
+def _fail(pending: list[_Pending], exc: BaseException) -> None:
+    for p in pending:
+        if not p.future.done():
+            p.future.set_exception(exc)
+
+
+def _columns(rows: Iterable[tuple[Any, ...]]) -> list[list[Any]]:
+    """Rows as column lists, to bind as ``unnest`` arrays."""
+    return [list(column) for column in zip(*rows, strict=True)]
+
+
+async def _held_hlcs(
+    conn: asyncpg.Connection, group: list[_Pending], acked_of: dict[tuple[str, int], int]
+) -> dict[tuple[str, int], dict[int, int]]:
+    """Per lane, the ``hlc`` the feed holds under each seq the group resends (at or below
+    the lane's acked seq): what :func:`_check_replayed` compares with."""
+    wanted = {
+        (p.node.node_id, p.batch.lane, c.seq)
+        for p in group
+        for c in p.batch.changes
+        if c.seq <= acked_of[(p.node.node_id, p.batch.lane)]
+    }
+    held: dict[tuple[str, int], dict[int, int]] = {}
+    if not wanted:
+        return held
+    rows = await conn.fetch(
+        "SELECT f.node_id, f.lane, f.seq, f.hlc FROM feed f "
+        "JOIN unnest($1::text[], $2::int2[], $3::int8[]) AS k (node_id, lane, seq) "
+        "ON f.node_id = k.node_id AND f.lane = k.lane AND f.seq = k.seq",
+        *_columns(wanted),
     )
+    for r in rows:
+        held.setdefault((r["node_id"], r["lane"]), {})[r["seq"]] = r["hlc"]
+    return held
 
 
 def _answer(

@@ -20,30 +20,30 @@ import textwrap
 from syncengine.cli import main
 from syncengine.hub import push
 
-#: The statement the patch goes in front of, in ``push._apply_once``.
-ANCHOR = "await _check_replayed(conn, node, batch, acked)"
+#: The statement the patch goes in front of, in ``push._admit``.
+ANCHOR = "_check_replayed(node, batch, acked, held)"
 #: The bug: forget what the hub holds of this lane.
 BUG = "acked = min(acked, batch.first_seq - 1)  # BROKEN BUILD: dedup disabled\n"
 
 
 def disable_dedup() -> None:
-    """Replace ``push._apply_once`` with a copy that re-applies replays.
+    """Replace ``push._admit`` with a copy that re-applies replays.
 
     Raises:
         RuntimeError: the production function no longer has the statement the patch needs
             (update :data:`ANCHOR`), so the control would not test what it claims.
     """
-    source = textwrap.dedent(inspect.getsource(push._apply_once))
+    source = textwrap.dedent(inspect.getsource(push._admit))
     if source.count(ANCHOR) != 1:
         raise RuntimeError(
-            f"broken_hub: {ANCHOR!r} not found once in syncengine.hub.push._apply_once; "
+            f"broken_hub: {ANCHOR!r} not found once in syncengine.hub.push._admit; "
             "the negative control needs updating"
         )
     line = next(ln for ln in source.splitlines() if ANCHOR in ln)
     indent = line[: len(line) - len(line.lstrip())]
     patched = source.replace(line, indent + BUG + line)
     namespace = vars(push)
-    exec(compile(patched, "<broken_hub _apply_once>", "exec"), namespace)
+    exec(compile(patched, "<broken_hub _admit>", "exec"), namespace)
 
 
 if __name__ == "__main__":

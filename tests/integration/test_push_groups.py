@@ -1,0 +1,235 @@
+"""Group commit on the hub: pushes that queue together apply in one PostgreSQL transaction,
+and each batch of a group is still decided on its own (real PostgreSQL and Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import asyncpg
+import pytest
+
+from syncengine.errors import ForbiddenError, HubUnavailableError, SequenceError
+from syncengine.hub import push
+from syncengine.hub.nodes import Node, authenticate
+from syncengine.merge import Change
+from syncengine.protocol import PushBatch
+
+CELL = "west/ng/lagos/clinic-12/visits"
+STANDARD = 2
+
+
+def _batch(node: str, first: int, last: int, *, key: str = "k", cell: str = CELL) -> PushBatch:
+    now = (time.time_ns() // 1_000_000) << 16
+    return PushBatch(
+        node=node,
+        lane=STANDARD,
+        first_seq=first,
+        last_seq=last,
+        changes=[
+            Change(
+                cell=cell,
+                collection="visits",
+                key=f"{key}-{seq}",
+                hlc=now + seq,
+                node=node,
+                fields={"n": seq},
+                lane=STANDARD,
+                seq=seq,
+            )
+            for seq in range(first, last + 1)
+        ],
+    )
+
+
+async def _nodes(hub: Any, *names: str, grants: tuple[str, ...] = ()) -> dict[str, Node]:
+    out = {}
+    for name in names:
+        token = await hub.add_node(name, *grants)
+        out[name] = await authenticate(hub.hub.pool, token)
+    return out
+
+
+def _applier(hub: Any, groups: list[int]) -> push.Applier:
+    return push.Applier(
+        hub.hub.pool,
+        region=hub.config.region,
+        clock=hub.hub.clock,
+        tier_rules=hub.config.tier_rules,
+        resolvers=hub.hub.resolvers,
+        on_group=groups.append,
+    )
+
+
+async def _feed(pool: asyncpg.Pool) -> list[asyncpg.Record]:
+    return await pool.fetch("SELECT id, node_id, seq FROM feed ORDER BY id")
+
+
+async def test_pushes_queued_together_commit_as_one_group_with_contiguous_feed_ids(
+    hub: Any,
+) -> None:
+    nodes = await _nodes(hub, *(f"n{i}" for i in range(20)))
+    groups: list[int] = []
+    async with _applier(hub, groups) as applier:
+        results = await asyncio.gather(
+            *(
+                push.apply_push(applier, node, _batch(name, 1, 5, key=name))
+                for name, node in nodes.items()
+            )
+        )
+    assert groups == [20]
+    assert [(r.answer.acked, r.answer.applied) for r in results] == [(5, 5)] * 20
+    feed = await _feed(hub.hub.pool)
+    assert [r["id"] for r in feed] == list(range(1, 101))
+    # Each batch's feed ids are its own contiguous run, and its answer names them.
+    for name, result in zip(nodes, results, strict=True):
+        mine = [r for r in feed if r["node_id"] == name]
+        assert [r["id"] for r in mine] == list(range(result.first_id, result.last_id + 1))
+        assert [r["seq"] for r in mine] == [1, 2, 3, 4, 5]
+        assert [row[0] for row in result.feed_rows] == [r["id"] for r in mine]
+    acked = await hub.hub.pool.fetch("SELECT acked_seq FROM node_lanes")
+    assert sorted(r["acked_seq"] for r in acked) == [5] * 20
+    assert await hub.hub.pool.fetchval("SELECT count(*) FROM records") == 100
+
+
+async def test_a_refused_batch_fails_alone_and_the_rest_of_its_group_commits(
+    hub: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(push, "GAP_WAIT_S", 0.1)
+    nodes = await _nodes(hub, "good-1", "good-2", "gappy")
+    nodes |= await _nodes(hub, "narrow", grants=("west/ng/abuja",))
+    groups: list[int] = []
+    async with _applier(hub, groups) as applier:
+        results = await asyncio.gather(
+            push.apply_push(applier, nodes["good-1"], _batch("good-1", 1, 3)),
+            push.apply_push(applier, nodes["narrow"], _batch("narrow", 1, 3)),
+            push.apply_push(applier, nodes["gappy"], _batch("gappy", 4, 6)),
+            push.apply_push(applier, nodes["good-2"], _batch("good-2", 1, 3)),
+            return_exceptions=True,
+        )
+    good_1, narrow, gappy, good_2 = results
+    assert isinstance(narrow, ForbiddenError) and narrow.detail["seq"] == 1
+    assert isinstance(gappy, SequenceError) and gappy.detail["acked"] == 0
+    assert isinstance(good_1, push.AppliedBatch) and good_1.answer.applied == 3
+    assert isinstance(good_2, push.AppliedBatch) and good_2.answer.applied == 3
+    assert groups[0] == 4  # all four went in one transaction
+    feed = await _feed(hub.hub.pool)
+    assert sorted({r["node_id"] for r in feed}) == ["good-1", "good-2"]
+    assert [r["id"] for r in feed] == list(range(1, 7))  # no hole where the refused were
+    # A refused batch changes nothing, not even its lane's row.
+    lanes = await hub.hub.pool.fetch("SELECT node_id, acked_seq FROM node_lanes ORDER BY 1")
+    assert [(r["node_id"], r["acked_seq"]) for r in lanes] == [("good-1", 3), ("good-2", 3)]
+
+
+async def test_pipelined_batches_of_a_lane_queued_out_of_order_apply_in_one_group(
+    hub: Any,
+) -> None:
+    nodes = await _nodes(hub, "edge")
+    groups: list[int] = []
+    second = _batch("edge", 6, 10)
+    async with _applier(hub, groups) as applier:
+        later, earlier = await asyncio.gather(
+            push.apply_push(applier, nodes["edge"], second),
+            push.apply_push(applier, nodes["edge"], _batch("edge", 1, 5)),
+        )
+    assert groups == [2]  # the later batch did not wait out a gap for a second group
+    assert (earlier.answer.acked, later.answer.acked) == (5, 10)
+    assert [r["seq"] for r in await _feed(hub.hub.pool)] == list(range(1, 11))
+    # The lane's acknowledged seq is the later batch's end, whatever order they went in.
+    assert await hub.hub.pool.fetchval("SELECT acked_seq FROM node_lanes") == 10
+    again = await push.apply_push(_applier(hub, []), nodes["edge"], second)
+    assert (again.answer.applied, again.answer.acked) == (0, 10)  # a replay, not re-applied
+
+
+async def test_a_replay_in_the_same_group_applies_once_and_a_reused_seq_is_refused(
+    hub: Any,
+) -> None:
+    nodes = await _nodes(hub, "edge")
+    batch = _batch("edge", 1, 5)
+    groups: list[int] = []
+    async with _applier(hub, groups) as applier:
+        first, again = await asyncio.gather(
+            push.apply_push(applier, nodes["edge"], batch),
+            push.apply_push(applier, nodes["edge"], batch),
+        )
+        # Same seqs, other changes (another hlc): an older copy of the store, not a replay.
+        await asyncio.sleep(0.002)
+        with pytest.raises(SequenceError) as refused:
+            await push.apply_push(applier, nodes["edge"], _batch("edge", 1, 5, key="other"))
+    assert groups[0] == 2
+    assert sorted([first.answer.applied, again.answer.applied]) == [0, 5]
+    assert first.answer.acked == again.answer.acked == 5
+    assert refused.value.code == "seq_reused"
+    assert len(await _feed(hub.hub.pool)) == 5
+
+
+async def test_a_group_that_fails_is_applied_again_batch_by_batch(
+    hub: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure the batches cannot be told apart by (a bug, a value PostgreSQL refuses)
+    costs only the batch at fault."""
+    real_append = push._append_feed
+
+    async def append(conn: asyncpg.Connection, rows: list[list[Any]]) -> None:
+        if any(str(row[4]).startswith("poison") for row in rows):
+            raise RuntimeError("injected: PostgreSQL refused a value")
+        await real_append(conn, rows)
+
+    monkeypatch.setattr(push, "_append_feed", append)
+    nodes = await _nodes(hub, *(f"n{i}" for i in range(5)))
+    groups: list[int] = []
+    async with _applier(hub, groups) as applier:
+        results = await asyncio.gather(
+            *(
+                push.apply_push(
+                    applier, node, _batch(name, 1, 2, key="poison" if name == "n2" else "k")
+                )
+                for name, node in nodes.items()
+            ),
+            return_exceptions=True,
+        )
+    assert groups == [5]
+    assert isinstance(results[2], RuntimeError)
+    assert all(isinstance(r, push.AppliedBatch) for i, r in enumerate(results) if i != 2)
+    feed = await _feed(hub.hub.pool)
+    assert sorted({r["node_id"] for r in feed}) == ["n0", "n1", "n3", "n4"]
+    assert len(feed) == 8
+
+
+async def test_a_closed_applier_refuses_batches_with_a_retryable_error(hub: Any) -> None:
+    nodes = await _nodes(hub, "edge")
+    applier = _applier(hub, [])
+    await applier.close()
+    with pytest.raises(HubUnavailableError) as refused:
+        await push.apply_push(applier, nodes["edge"], _batch("edge", 1, 1))
+    assert refused.value.http_status == 503  # the edge keeps the batch and retries
+    assert await hub.hub.pool.fetchval("SELECT count(*) FROM feed") == 0
+
+
+async def test_critical_batches_go_in_the_next_group_before_earlier_standard_ones(
+    hub: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(push, "MAX_GROUP_BATCHES", 2)
+    nodes = await _nodes(hub, *(f"n{i}" for i in range(4)))
+    critical = _batch("n3", 1, 1, cell="west/ng/lagos/clinic-12/alerts")
+    critical = PushBatch(
+        node="n3",
+        lane=0,
+        first_seq=1,
+        last_seq=1,
+        changes=[Change(**{**_fields(critical.changes[0]), "lane": 0})],
+    )
+    groups: list[int] = []
+    async with _applier(hub, groups) as applier:
+        await asyncio.gather(
+            *(push.apply_push(applier, nodes[f"n{i}"], _batch(f"n{i}", 1, 1)) for i in range(3)),
+            push.apply_push(applier, nodes["n3"], critical),
+        )
+    feed = await _feed(hub.hub.pool)
+    assert groups == [2, 2]
+    assert feed[0]["node_id"] == "n3"  # queued last, applied in the first group
+
+
+def _fields(change: Change) -> dict[str, Any]:
+    return {name: getattr(change, name) for name in Change.__dataclass_fields__}
