@@ -4,6 +4,7 @@ realistic ~200-byte changes, and the raw ``COPY`` rate measured on the same serv
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
 import sys
 import time
@@ -163,3 +164,13 @@ async def raw_copy_rate(dsn: str, changes: list[Change]) -> float:
         return len(rows) / (time.perf_counter() - start)
     finally:
         await conn.close()
+
+
+def print_figures(result: dict[str, Any], *, as_json: bool) -> None:
+    """A benchmark's figures: one JSON line, or one aligned line each."""
+    if as_json:
+        print(json.dumps(result))
+        return
+    width = max(map(len, result))
+    for k, v in result.items():
+        print(f"  {k:<{width}} {v:>12,}" if isinstance(v, int) else f"  {k:<{width}} {v!s:>12}")

@@ -31,9 +31,10 @@ exchange.
 
 Prints the writes the edges achieved against those offered, the hub's throughput, the
 hub's own p50/p99 push latency (from its request histogram: the bucket bounds that hold
-them), p50/p99 push and pull latency as the edges saw them (per request; with a thousand
-edges in two processes this includes their own queueing), the time to converge after writes
-stop, the hub's peak RSS, the most PostgreSQL connections used, the bytes of one idle
+them; over the whole run, and while the edges wrote, before the burst of held-back pushes
+when they stop), p50/p99 push and pull latency as the edges saw them (per request; with a
+thousand edges in two processes this includes their own queueing), the time to converge
+after writes stop, the hub's peak RSS, the most PostgreSQL connections used, the bytes of one idle
 long-poll exchange and what that makes a day at the default ``long_poll_idle_s``, and raw
 COPY rows/s into the same PostgreSQL (the physical limit).
 
@@ -47,7 +48,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import json
 import multiprocessing
 import queue
 import random
@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from _harness import fields, make_changes, raw_copy_rate, running_hub
+from _harness import fields, make_changes, print_figures, raw_copy_rate, running_hub
 from prometheus_client.parser import text_string_to_metric_families
 
 from syncengine.edge.link import HubLink
@@ -196,7 +196,19 @@ async def _until(check: Callable[[], bool | Awaitable[bool]], every: float = 0.0
         await asyncio.sleep(every)
 
 
+def _dump_tasks() -> None:
+    """SIGUSR1 in a worker: print where each of its tasks waits (a stuck run's diagnosis)."""
+    waiting: dict[str, int] = {}
+    for task in asyncio.all_tasks():
+        frames = task.get_stack()
+        where = " <- ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in reversed(frames))
+        waiting[where] = waiting.get(where, 0) + 1
+    for where, n in sorted(waiting.items(), key=lambda kv: -kv[1]):
+        print(f"{n:6} {where}", file=sys.stderr, flush=True)
+
+
 async def _worker_main(job: dict[str, Any], shared: dict[str, Any]) -> dict[str, Any]:
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _dump_tasks)
     timings: dict[str, list[float]] = {"v1/push": [], "v1/pull": []}
     rng = random.Random(job["seed"])
     edges: list[tuple[int, Syncer]] = []
@@ -339,6 +351,11 @@ async def _hub_push_figures(url: str) -> tuple[float, float, float, float]:
     return bound(0.5), bound(0.99), pushes, groups
 
 
+def _bound_ms(seconds: float) -> int | str:
+    """A histogram bucket bound in ms; past the last finite bucket, what is known."""
+    return round(seconds * 1000) if seconds != float("inf") else "over 10,000"
+
+
 def _pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -430,12 +447,17 @@ async def main() -> None:
                 start_at = shared["start"].value = time.time()
                 peak_conns = 0
                 drained = 0
+                while_writing: tuple[float, float, float, float] | None = None
                 said_at = time.time()
                 while drained < len(workers):
                     _check_alive(workers)
                     if shared["drained"].acquire(block=False):
                         drained += 1
                         continue
+                    if while_writing is None and time.time() >= start_at + args.seconds:
+                        # The hub's figures as writes stop, before every edge pushes what
+                        # its schedule held back (the standard tier) in one burst.
+                        while_writing = await _hub_push_figures(bench.url)
                     conns = await bench.pool.fetchval(
                         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
                     )
@@ -474,8 +496,10 @@ async def main() -> None:
         "hub_changes_per_s": round(head / args.seconds),
         "hub_push_batches": round(hub_pushes),
         "hub_push_transactions": round(hub_groups),
-        "hub_push_p50_ms_at_most": round(hub_p50 * 1000),
-        "hub_push_p99_ms_at_most": round(hub_p99 * 1000),
+        "hub_push_p50_ms_at_most": _bound_ms(hub_p50),
+        "hub_push_p99_ms_at_most": _bound_ms(hub_p99),
+        "hub_push_p50_ms_while_writing": _bound_ms(while_writing[0]) if while_writing else "",
+        "hub_push_p99_ms_while_writing": _bound_ms(while_writing[1]) if while_writing else "",
         "push_p50_ms": round(_pct(push_s, 50), 1),
         "push_p99_ms": round(_pct(push_s, 99), 1),
         "pull_p50_ms": round(_pct(pull_s, 50), 1),
@@ -488,11 +512,7 @@ async def main() -> None:
         "raw_copy_rows_per_s": round(copy),
         "failed_requests": sum(n for r in results for n in r["errors"].values()),
     }
-    if args.json:
-        print(json.dumps(result))
-        return
-    for k, v in result.items():
-        print(f"  {k:<30} {v:>12,}" if isinstance(v, int) else f"  {k:<30} {v:>12}")
+    print_figures(result, as_json=args.json)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,14 @@ class NodeActivity:
 
     async def _write(self, sql: str, *args: object) -> None:
         try:
-            async with translated("node activity"):
-                await self._pool.execute(sql, *args, timeout=2.0)
+            async with (
+                translated("node activity"),
+                self._pool.acquire(timeout=2.0) as conn,
+                conn.transaction(),
+            ):
+                # Reporting: a crash may lose the last moment of it, so it does not wait for
+                # the disk. Hundreds of edges' pulls would otherwise queue on fsyncs.
+                await conn.execute("SET LOCAL synchronous_commit TO off")
+                await conn.execute(sql, *args, timeout=2.0)
         except SyncError as exc:
             log.debug("node activity not recorded: %s", exc.message)

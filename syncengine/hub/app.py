@@ -314,9 +314,9 @@ class Hub:
         and wake the long-polls reading its cells, here and in the other hub processes."""
         rows = [row for batch in applied for row in batch.feed_rows]
         await self.cache.put_feed_batch(applied[0].epoch, rows)
-        changed = _changed_cells(rows)
-        self._local_wake(changed)
-        await self.cache.publish_wakeup(changed)
+        for batch in applied:  # the pusher's own long-polls sleep through its batch
+            self.wakeups.wake(_changed_cells(batch.feed_rows), writer=batch.feed_rows[0][5])
+        await self.cache.publish_wakeup(_changed_cells(rows))
 
     async def _pull(self, request: web.Request) -> web.Response:
         node = await self._node(request)
@@ -334,7 +334,7 @@ class Hub:
         due: list[int] = []
         checked = False  # the watched tiers were looked at (not when the page had changes)
         # Registered before the first read: a push landing after a read still wakes us.
-        with self.wakeups.waiting((tier, *watch), prefixes) as waiter:
+        with self.wakeups.waiting((tier, *watch), prefixes, node=node.node_id) as waiter:
             while True:
                 waiter.event.clear()
                 page = await self._read_page(node.node_id, tier, prefixes, after, limit)

@@ -79,6 +79,17 @@ async def _zrange_chunk(r: aioredis.Redis, *, key: str, low: int, high: int) -> 
     return [m for m in members if isinstance(m, bytes)]  # raw members: bytes, never decoded
 
 
+async def _first_chunk(r: aioredis.Redis, *, key: str, first: int, high: int) -> list[bytes]:
+    """The batch holding ``first`` (the last one starting at or before it), then the batches
+    starting after it: one round trip, and no batch wholly before ``first`` is fetched (or
+    decoded) only to be skipped."""
+    async with r.pipeline(transaction=False) as pipe:
+        pipe.zrevrangebyscore(key, first, first - MAX_BATCH_IDS, start=0, num=1)
+        pipe.zrangebyscore(key, f"({first}", high, start=0, num=_CHUNK)
+        holding, after = await pipe.execute()
+    return [m for m in (*holding, *after) if isinstance(m, bytes)]
+
+
 class Cache:
     """A Redis connection with timeouts, a breaker and a wake-up subscriber.
 
@@ -245,11 +256,11 @@ class Cache:
         out: list[FeedRow] = []
         scanned = 0
         expected = first
-        low = first - MAX_BATCH_IDS  # the batch holding `first` starts at most this far back
+        read: Callable[[aioredis.Redis], Awaitable[list[bytes]]] = functools.partial(
+            _first_chunk, key=key, first=first, high=last
+        )
         while expected <= last and len(out) < limit:
-            chunk: list[bytes] | None = await self._call(
-                functools.partial(_zrange_chunk, key=key, low=low, high=last)
-            )
+            chunk: list[bytes] | None = await self._call(read)
             if not chunk:
                 break
             for member in chunk:
@@ -270,7 +281,8 @@ class Cache:
                         out.append(row)
                 if expected > last or len(out) == limit:
                     break
-            low = expected  # next chunk: batches starting after what was covered
+            # Next chunk: the batches starting after what was covered.
+            read = functools.partial(_zrange_chunk, key=key, low=expected, high=last)
             if expected <= last and len(out) < limit and len(out) < scanned * MIN_MATCH_SHARE:
                 self.sparse += 1
                 return None

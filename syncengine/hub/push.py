@@ -222,10 +222,11 @@ async def apply_push(applier: Applier, node: Node, batch: PushBatch) -> AppliedB
 
 
 #: A group takes at most this many queued batches, and no more once it holds this many
-#: changes (a batch is never split). The group's transaction holds the feed lock, so this
-#: bounds how long the next group, perhaps a critical push, waits behind it.
+#: changes (a batch is never split). The group's transaction holds the feed lock, and its
+#: merge runs on the event loop in one stretch, so this bounds how long the next group
+#: (perhaps a critical push) and every other request of the process wait behind it.
 MAX_GROUP_BATCHES: Final = 64
-MAX_GROUP_CHANGES: Final = 10_000
+MAX_GROUP_CHANGES: Final = 2_000
 #: How long closing the applier waits for the group in flight to commit.
 CLOSE_TIMEOUT_S: Final = 10.0
 
@@ -272,6 +273,7 @@ class Applier:
         self.after_commit = after_commit
         self.on_group = on_group
         self._queue: list[_Pending] = []
+        self._current: list[_Pending] = []  # the group being applied
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -325,42 +327,60 @@ class Applier:
         return group
 
     async def _run(self) -> None:
-        group: list[_Pending] = []
         try:
             while self._queue:
-                group = self._take()
-                if not group:
-                    continue
-                if self.on_group is not None:
-                    self.on_group(len(group))
+                # One connection for as long as there is work: the applier never queues for
+                # the pool behind pulls, and a lost connection is replaced by a fresh one.
                 try:
-                    await self._commit(group)
-                except HubUnavailableError as exc:  # the database is away: all fail alike
-                    _fail(group, exc)
-                except Exception as exc:
-                    if len(group) == 1:
-                        _fail(group, exc)
-                        continue
-                    log.warning(
-                        "a group of %d push batches failed (%s); applying them one by one",
-                        len(group),
-                        exc,
-                    )
-                    for p in group:
-                        try:
-                            await self._commit([p])
-                        except Exception as one:
-                            _fail([p], one)
+                    async with translated("push"):
+                        conn = await self.pool.acquire()
+                except HubUnavailableError as exc:
+                    _fail(self._take(), exc)
+                    continue
+                try:
+                    await self._groups(conn)
+                finally:
+                    await self.pool.release(conn)
         finally:
             # Cancelled (closing): no caller may wait for an answer that never comes.
             gone = HubUnavailableError(
                 "the hub stopped before applying this batch", hint="The edge retries it."
             )
-            _fail(group + self._queue, gone)
+            _fail(self._current + self._queue, gone)
+            self._current = []
             self._queue.clear()
 
-    async def _commit(self, group: list[_Pending]) -> None:
-        outcomes = await self._apply_group(group)
+    async def _groups(self, conn: asyncpg.Connection) -> None:
+        """Apply groups on ``conn`` until the queue is empty or the database is lost."""
+        while self._queue:
+            group = self._current = self._take()
+            if not group:
+                continue
+            if self.on_group is not None:
+                self.on_group(len(group))
+            try:
+                await self._commit(conn, group)
+            except HubUnavailableError as exc:  # the database is away: all fail alike
+                _fail(group, exc)
+                return  # and the connection may be gone with it
+            except Exception as exc:
+                if len(group) == 1:
+                    _fail(group, exc)
+                    continue
+                log.warning(
+                    "a group of %d push batches failed (%s); applying them one by one",
+                    len(group),
+                    exc,
+                )
+                for p in group:
+                    try:
+                        await self._commit(conn, [p])
+                    except Exception as one:
+                        _fail([p], one)
+        self._current = []
+
+    async def _commit(self, conn: asyncpg.Connection, group: list[_Pending]) -> None:
+        outcomes = await self._apply_group(conn, group)
         applied = [o for o in outcomes if isinstance(o, AppliedBatch) and o.feed_rows]
         if applied and self.after_commit is not None:
             crashpoints.crashpoint("hub.cache.after_pg_commit_before_redis_set")
@@ -373,10 +393,12 @@ class Applier:
             else:
                 p.future.set_result(outcome)
 
-    async def _apply_group(self, group: list[_Pending]) -> list[AppliedBatch | Exception]:
+    async def _apply_group(
+        self, conn: asyncpg.Connection, group: list[_Pending]
+    ) -> list[AppliedBatch | Exception]:
         outcomes: list[AppliedBatch | Exception] = [_NOT_DECIDED] * len(group)
         order = _in_seq_order(group)
-        async with translated("push"), self.pool.acquire() as conn, conn.transaction():
+        async with translated("push"), conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", FEED_LOCK_KEY)
             lanes = sorted({(p.node.node_id, p.batch.lane) for p in group})
             rows = await conn.fetch(

@@ -40,13 +40,17 @@ def ancestors(cell: str) -> Iterator[str]:
 
 
 class Waiter:
-    """One held long-poll: its tiers, its prefixes and the event a concerning push sets."""
+    """One held long-poll: its node, tiers and prefixes, and the event a concerning push
+    sets."""
 
-    __slots__ = ("event", "prefixes", "tiers")
+    __slots__ = ("event", "node", "prefixes", "tiers")
 
-    def __init__(self, tiers: frozenset[int], prefixes: frozenset[str]) -> None:
+    def __init__(
+        self, tiers: frozenset[int], prefixes: frozenset[str], node: str | None = None
+    ) -> None:
         self.tiers = tiers
         self.prefixes = prefixes
+        self.node = node
         self.event = asyncio.Event()
 
 
@@ -61,10 +65,13 @@ class Wakeups:
         return len(self._all)
 
     @contextmanager
-    def waiting(self, tiers: Iterable[int], prefixes: Iterable[str]) -> Iterator[Waiter]:
-        """Register a long-poll for as long as the block runs. Register before the first
-        read: a push that lands between the read and the wait still sets the event."""
-        waiter = Waiter(frozenset(tiers), frozenset(prefixes))
+    def waiting(
+        self, tiers: Iterable[int], prefixes: Iterable[str], *, node: str | None = None
+    ) -> Iterator[Waiter]:
+        """Register a long-poll of ``node`` for as long as the block runs. Register before
+        the first read: a push that lands between the read and the wait still sets the
+        event."""
+        waiter = Waiter(frozenset(tiers), frozenset(prefixes), node)
         self._all.add(waiter)
         for prefix in waiter.prefixes:
             self._by_prefix.setdefault(prefix, set()).add(waiter)
@@ -79,9 +86,11 @@ class Wakeups:
                     if not held:
                         del self._by_prefix[prefix]
 
-    def wake(self, changed: Changed | None) -> int:
+    def wake(self, changed: Changed | None, *, writer: str | None = None) -> int:
         """Set the event of every waiter ``changed`` concerns (``None``: every waiter);
-        return how many were woken."""
+        return how many were woken. The long-polls of ``writer``, the node whose push
+        ``changed`` is, sleep on: a node's pages leave out its own changes, and every push
+        would otherwise wake its own poll for nothing."""
         if changed is None:
             for waiter in self._all:
                 waiter.event.set()
@@ -98,7 +107,10 @@ class Wakeups:
                     for w in self._by_prefix.get(prefix, ())
                 }
             for waiter in candidates:
-                if tier in waiter.tiers and not waiter.event.is_set():
-                    waiter.event.set()
-                    woken += 1
+                if tier not in waiter.tiers or waiter.event.is_set():
+                    continue
+                if writer is not None and waiter.node == writer:
+                    continue
+                waiter.event.set()
+                woken += 1
         return woken

@@ -75,3 +75,18 @@ def test_wakeup_messages_round_trip_and_stay_small() -> None:
     # What another version may send, or garbage: wake every poll rather than miss one.
     assert read_wakeup("{not json") is None
     assert read_wakeup("") is None
+
+
+async def test_a_push_does_not_wake_its_own_writers_long_poll() -> None:
+    """A node's pages leave out its own changes: its push must not wake its own poll."""
+    wakeups = Wakeups()
+    cell = "west/ng/lagos/clinic-12/visits"
+    with (
+        wakeups.waiting([1], ["west/ng/lagos/clinic-12"], node="clinic-12") as own,
+        wakeups.waiting([1], ["west/ng/lagos"], node="district") as other,
+    ):
+        assert wakeups.wake({1: frozenset({cell})}, writer="clinic-12") == 1
+        assert other.event.is_set() and not own.event.is_set()
+        # From another hub process the writer is not known: every concerned poll wakes.
+        other.event.clear()
+        assert wakeups.wake({1: frozenset({cell})}) == 2

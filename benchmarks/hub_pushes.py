@@ -1,0 +1,107 @@
+"""Many edges' small pushes against one hub: what the hub alone sustains.
+
+    .venv/bin/python benchmarks/hub_pushes.py [--pushers N] [--batch B] [--seconds S] [--json]
+
+N nodes (default 200) each push batches of B changes (default 5: a clinic's few writes of a
+moment) one after another, each as soon as the last was answered, for S seconds (default
+20), to a hub in its own process. Every request body is encoded before the clock starts and
+all N share one aiohttp session, so the client costs little and the hub is the limit (what
+``fleet.py`` cannot show on a small machine, where simulating a thousand SQLite stores
+takes the CPU). Prints pushes and changes applied per second, p50/p99 push latency as the
+clients saw it, the PostgreSQL transactions the hub used (group commit), and raw COPY
+rows/s into the same PostgreSQL, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+
+import aiohttp
+from _harness import make_changes, print_figures, raw_copy_rate, running_hub, token_for
+from prometheus_client.parser import text_string_to_metric_families
+
+from syncengine.protocol import PushBatch, encode_body, encode_push
+
+
+def _bodies(node: str, batches: int, size: int) -> list[tuple[bytes, str | None]]:
+    changes = make_changes(node, 1, batches * size)
+    out = []
+    for i in range(0, len(changes), size):
+        part = changes[i : i + size]
+        batch = PushBatch(
+            node=node, lane=2, first_seq=part[0].seq, last_seq=part[-1].seq, changes=part
+        )
+        out.append(encode_body(encode_push(batch)))
+    return out
+
+
+async def _transactions(http: aiohttp.ClientSession, url: str) -> float | None:
+    """Push transactions the hub committed (None: a hub without group commit)."""
+    async with http.get(f"{url}/metrics") as resp:
+        text = await resp.text()
+    for family in text_string_to_metric_families(text):
+        if family.name == "syncengine_hub_push_group_batches":
+            return sum(s.value for s in family.samples if s.name.endswith("_count"))
+    return None
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--pushers", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    # Enough batches for each pusher to push every 20 ms for the whole run.
+    per_pusher = int(args.seconds / 0.02) + 1
+    async with running_hub() as bench:
+        tokens = [await token_for(bench, f"p{i:04d}") for i in range(args.pushers)]
+        bodies = [_bodies(f"p{i:04d}", per_pusher, args.batch) for i in range(args.pushers)]
+        latencies: list[float] = []
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            before = await _transactions(http, bench.url)
+            stop_at = time.perf_counter() + args.seconds
+
+            async def pusher(token: str, mine: list[tuple[bytes, str | None]]) -> None:
+                headers = {"Authorization": f"Bearer {token}", "Accept": "application/msgpack"}
+                for body, encoding in mine:
+                    if time.perf_counter() >= stop_at:
+                        return
+                    h = {**headers, "Content-Type": "application/msgpack"}
+                    if encoding:
+                        h["Content-Encoding"] = encoding
+                    started = time.perf_counter()
+                    async with http.post(f"{bench.url}/v1/push", data=body, headers=h) as resp:
+                        await resp.read()
+                        if resp.status != 200:
+                            raise SystemExit(f"push answered {resp.status}: {await resp.text()}")
+                    latencies.append(time.perf_counter() - started)
+
+            start = time.perf_counter()
+            await asyncio.gather(*(pusher(t, b) for t, b in zip(tokens, bodies, strict=True)))
+            elapsed = time.perf_counter() - start
+            after = await _transactions(http, bench.url)
+        applied = await bench.pool.fetchval("SELECT id FROM feed_head")
+        copy = await raw_copy_rate(bench.dsn, make_changes("copy", 1, 100_000))
+    cuts = statistics.quantiles(latencies, n=100, method="inclusive")
+    result = {
+        "pushers": args.pushers,
+        "batch": args.batch,
+        "pushes_per_s": round(len(latencies) / elapsed),
+        "changes_per_s": round(applied / elapsed),
+        "push_p50_ms": round(cuts[49] * 1000, 1),
+        "push_p99_ms": round(cuts[98] * 1000, 1),
+        "transactions": None if after is None else round(after - (before or 0)),
+        "raw_copy_rows_per_s": round(copy),
+    }
+    print_figures(result, as_json=args.json)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
