@@ -250,8 +250,9 @@ class Applier:
 
     A group that fails for another reason than the database being unavailable (a bug, a
     value PostgreSQL refuses) is applied again batch by batch, so only the batch at fault
-    fails. ``after_commit`` runs after each commit, with the batches that wrote feed rows,
-    before their pushers are answered (the hub caches the rows and sends the wake-ups).
+    fails. ``after_commit`` runs after each commit, with the batches that wrote feed rows in
+    feed order, before their pushers are answered (the hub caches the rows and sends the
+    wake-ups).
     """
 
     def __init__(
@@ -381,7 +382,12 @@ class Applier:
 
     async def _commit(self, conn: asyncpg.Connection, group: list[_Pending]) -> None:
         outcomes = await self._apply_group(conn, group)
-        applied = [o for o in outcomes if isinstance(o, AppliedBatch) and o.feed_rows]
+        # In feed order: a lane's batches may have applied in another order than queued,
+        # and the cache keeps the group's rows as one run of ascending ids.
+        applied = sorted(
+            (o for o in outcomes if isinstance(o, AppliedBatch) and o.feed_rows),
+            key=lambda o: o.first_id,
+        )
         if applied and self.after_commit is not None:
             crashpoints.crashpoint("hub.cache.after_pg_commit_before_redis_set")
             await self.after_commit(applied)

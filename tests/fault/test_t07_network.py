@@ -1137,6 +1137,11 @@ async def test_t07_network_fault_matrix(servers: Servers) -> None:
     the link time of what the edge carried after it, no hung call, no priority inversion,
     batches that shrink, no stalled queue."""
     summary = Summary(test="T7", name="network fault matrix", extra_violations=VIOLATIONS)
+    # A shrink needs a full batch to fail, and in a 2-minute quick run with a fast hub few
+    # batches are full when a fault lands: the quick run reports the shrinks it saw and
+    # still fails on a full batch retried unshrunk (`batch_not_shrunk`); the long run must
+    # see them. The sizer itself is tested in tests/unit/test_sync_policy.py.
+    summary.needs["batch_shrunk"] = pick(0, 1)
     async with AsyncExitStack() as stack:
         run = await scenario(
             stack,

@@ -128,7 +128,13 @@ async def test_pipelined_batches_of_a_lane_queued_out_of_order_apply_in_one_grou
     nodes = await _nodes(hub, "edge")
     groups: list[int] = []
     second = _batch("edge", 6, 10)
+    announced: list[list[push.AppliedBatch]] = []
+
+    async def after_commit(applied: list[push.AppliedBatch]) -> None:
+        announced.append(applied)
+
     async with _applier(hub, groups) as applier:
+        applier.after_commit = after_commit
         later, earlier = await asyncio.gather(
             push.apply_push(applier, nodes["edge"], second),
             push.apply_push(applier, nodes["edge"], _batch("edge", 1, 5)),
@@ -136,6 +142,10 @@ async def test_pipelined_batches_of_a_lane_queued_out_of_order_apply_in_one_grou
     assert groups == [2]  # the later batch did not wait out a gap for a second group
     assert (earlier.answer.acked, later.answer.acked) == (5, 10)
     assert [r["seq"] for r in await _feed(hub.hub.pool)] == list(range(1, 11))
+    # Announced (cached) in feed order, not in the order they queued: the cache keeps a
+    # group's rows as one ascending run, and a reader skips ids that come out of order.
+    (applied,) = announced
+    assert [row[0] for batch in applied for row in batch.feed_rows] == list(range(1, 11))
     # The lane's acknowledged seq is the later batch's end, whatever order they went in.
     assert await hub.hub.pool.fetchval("SELECT acked_seq FROM node_lanes") == 10
     again = await push.apply_push(_applier(hub, []), nodes["edge"], second)
