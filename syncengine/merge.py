@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import msgpack
+import orjson
 
 from syncengine.codec import canonical, canonical_packb, encode
 from syncengine.errors import DecodeError, LimitExceededError, ValidationError
@@ -195,6 +196,22 @@ class RecordState:
             body["h"] = _canonical_entries(self.hub)
         body["t"] = list(self.tomb) if self.tomb is not None else None
         return encode(body)
+
+    @classmethod
+    def view(cls, data: bytes) -> tuple[dict[str, Any], int]:
+        """The :meth:`document` and :attr:`max_hlc` of the encoded state ``data``, built
+        straight from the msgpack when it has no tombstone and no hub-origin field (most
+        records): a bootstrap needs no more of a record than these."""
+        try:
+            raw = msgpack.unpackb(data, raw=False)
+            if raw["t"] is None and not raw.get("h"):
+                entries = raw["f"].values()
+                doc = {name: e[0] for name, e in raw["f"].items()}
+                return doc, max((e[1] for e in entries), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            raise DecodeError(f"stored record state is unreadable: {exc}") from None
+        state = cls.from_bytes(data)
+        return state.document(), state.max_hlc
 
     @classmethod
     def from_bytes(cls, data: bytes) -> RecordState:
@@ -365,12 +382,21 @@ def apply_change(
     return Applied(new, conflicts)
 
 
+_JSON_TEXT: Final = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
+
+
 def document_json(doc: Mapping[str, Any]) -> str:
     """The canonical JSON text of a document (sorted keys at every level, no spaces, UTF-8
-    kept)."""
-    return json.dumps(
-        doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    )
+    kept).
+
+    orjson, a tenth of the standard encoder's cost (a bootstrap writes a document per
+    record); the standard encoder for what orjson refuses (integers beyond 64 bits)."""
+    try:
+        return orjson.dumps(doc, option=orjson.OPT_SORT_KEYS).decode()
+    except orjson.JSONEncodeError:
+        return _JSON_TEXT.encode(doc)
 
 
 # -- validation of what callers write --------------------------------------------------------

@@ -557,19 +557,18 @@ def decode_snapshot_page(obj: object) -> SnapshotPage:
     ):
         raise _bad(f"snapshot page: 'acked' must be {_LANES} seqs, one per lane")
     records = []
+    # A page holds a few collections many times over: each is checked once (parse_cell
+    # remembers valid cells itself).
+    collections: set[str] = set()
     for row in rows:
         if not isinstance(row, list) or len(row) != 5 or not isinstance(row[3], bytes):
             raise _bad("snapshot record must be [cell, collection, key, state, feed_id]")
         cell, coll, key, state, feed_id = row
-        records.append(
-            (
-                parse_cell(cell),
-                validate_collection(coll),
-                validate_key(key),
-                state,
-                _int({"feed_id": feed_id}, "feed_id", 0, _MAX_SEQ),
-            )
-        )
+        if not (type(coll) is str and coll in collections):
+            collections.add(validate_collection(coll))
+        if type(feed_id) is not int or not 0 <= feed_id <= _MAX_SEQ:
+            _int({"feed_id": feed_id}, "feed_id", 0, _MAX_SEQ)  # raises the error
+        records.append((parse_cell(cell), coll, validate_key(key), state, feed_id))
     return SnapshotPage(
         records=records, cursor=_int(msg, "cursor", 0, _MAX_SEQ), next=nxt, acked=acked
     )

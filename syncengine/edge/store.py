@@ -82,8 +82,15 @@ DEFAULT_BUSY_TIMEOUT_MS: Final = 10_000
 MAX_GROUP: Final = 1024
 #: SQLite's parameter limit is 32,766; three per key in a row-value IN list.
 _KEYS_PER_QUERY: Final = 500
-#: Cells at or under a prefix, as a primary-key range (``/`` sorts just before ``0``).
-_UNDER_PREFIX: Final = "(cell = ? OR (cell >= ? || '/' AND cell < ? || '0')) AND "
+#: The records at or under a prefix after a key ``(cell, collection, key)``, as index range
+#: scans read in key order: the prefix's own cell, then the cells under it (``prefix/`` up
+#: to ``prefix0``: ``/`` sorts just before ``0``). Each takes the prefix and the key's three
+#: parts; the own cell is done once the key is past it. An OR of the two would make SQLite
+#: sort the whole prefix for every page.
+_UNDER_PREFIX: Final = (
+    "cell = ?1 AND (collection, key) > (?3, ?4) AND ?2 <= ?1",
+    "cell >= ?1 || '/' AND cell < ?1 || '0' AND (cell, collection, key) > (?2, ?3, ?4)",
+)
 
 RecordKey = tuple[str, str, str]
 #: A record as the hub sends it: (cell, collection, key, state, feed_id).
@@ -705,6 +712,16 @@ class EdgeStore:
         # store) are not, and must be, or a counter would lose them.
         return change.node == self.node_id and change.seq >= first_seq.get(change.lane, 1)
 
+    def _observe_all(self, hlcs: Sequence[int]) -> None:
+        """Fold many remote stamps: the newest, or each one when it is refused as drifted."""
+        if not hlcs:
+            return
+        try:
+            self.clock.observe(max(hlcs))
+        except ClockDriftError:
+            for hlc in hlcs:
+                self._observe(hlc)
+
     def _observe(self, hlc: int) -> None:
         try:
             self.clock.observe(hlc)
@@ -782,20 +799,25 @@ class EdgeStore:
                 )
         now_ms = _now_ms()
         rows = []
+        hub_hlcs = []
         for (_, coll, _, blob, feed_id), rk in zip(records, keys, strict=True):
-            state = RecordState.from_bytes(blob)
-            self._observe(state.max_hlc)
             mine = queued.get(rk)
             if mine:
+                state = RecordState.from_bytes(blob)
+                hub_hlcs.append(state.max_hlc)
                 resolver = self.resolver_for(coll)
                 for change in mine:
                     state = apply_change(state, change, resolver).state
                 rows.append((*_record_row(rk, state, now_ms), feed_id, now_ms))
             else:
-                # The hub's own bytes (canonical: it wrote them with to_bytes), as they are:
-                # encoding the state again would give the same bytes, at a fifth of the
-                # cost of a bootstrap.
-                rows.append((*_record_row(rk, state, now_ms, blob), feed_id, now_ms))
+                # The hub's own bytes (canonical: it wrote them with to_bytes), as they are,
+                # and only what the row needs read from them: decoding the whole state and
+                # encoding it again would give the same bytes, at most of the cost of a
+                # bootstrap.
+                doc, newest = RecordState.view(blob)
+                hub_hlcs.append(newest)
+                rows.append((*_row_of(rk, doc, blob, newest, now_ms), feed_id, now_ms))
+        self._observe_all(hub_hlcs)
         for rk in empty:
             none: RecordState | None = None
             for change in queued.get(rk, ()):
@@ -815,10 +837,11 @@ class EdgeStore:
             "synced_at_ms = excluded.synced_at_ms",
             rows,
         )
-        conn.executemany(
-            "DELETE FROM evicted WHERE cell = ? AND collection = ? AND key = ?",
-            [*keys, *empty],
-        )
+        if conn.execute("SELECT 1 FROM evicted LIMIT 1").fetchone() is not None:
+            conn.executemany(
+                "DELETE FROM evicted WHERE cell = ? AND collection = ? AND key = ?",
+                [*keys, *empty],
+            )
         if progress is not None:
             _set_meta(conn, "bootstrap", progress)
         self._save_clock(conn)
@@ -1017,15 +1040,15 @@ class EdgeStore:
             prefixes = [r.prefix for r in rules if r.tier in cutoffs]
         latest = max(cutoffs.values())
         total = 0
-        for prefix in prefixes:
+        whole = "(cell, collection, key) > (?2, ?3, ?4)"
+        ranges = [(p, where) for p in prefixes for where in (_UNDER_PREFIX if p else (whole,))]
+        for prefix, where in ranges:
             after: RecordKey = ("", "", "")
             while True:
-                where, params = ("", []) if not prefix else (_UNDER_PREFIX, [prefix] * 3)
                 rows = await self._read(
                     "SELECT cell, collection, key, synced_at_ms FROM records "
-                    f"WHERE {where}(cell, collection, key) > (?, ?, ?) "
-                    "ORDER BY cell, collection, key LIMIT ?",
-                    (*params, *after, chunk),
+                    f"WHERE {where} ORDER BY cell, collection, key LIMIT ?5",
+                    (prefix, *after, chunk),
                 )
                 if not rows:
                     break
@@ -1222,20 +1245,17 @@ class EdgeStore:
         return "; ".join(str(r[0]) for r in rows)
 
 
-def _record_row(
-    rk: RecordKey, state: RecordState, now_ms: int, encoded: bytes | None = None
-) -> tuple[Any, ...]:
+def _record_row(rk: RecordKey, state: RecordState, now_ms: int) -> tuple[Any, ...]:
     """The leading columns of a ``records`` row: cell, collection, key, doc, state, hlc,
-    deleted, updated_at_ms. ``encoded``: ``state.to_bytes()`` when the caller has it."""
-    doc = state.document()
-    return (
-        *rk,
-        document_json(doc) if doc else None,
-        state.to_bytes() if encoded is None else encoded,
-        state.max_hlc,
-        0 if doc else 1,
-        now_ms,
-    )
+    deleted, updated_at_ms."""
+    return _row_of(rk, state.document(), state.to_bytes(), state.max_hlc, now_ms)
+
+
+def _row_of(
+    rk: RecordKey, doc: dict[str, Any], encoded: bytes, hlc: int, now_ms: int
+) -> tuple[Any, ...]:
+    """:func:`_record_row` from the state's document, bytes and newest stamp."""
+    return (*rk, document_json(doc) if doc else None, encoded, hlc, 0 if doc else 1, now_ms)
 
 
 def _shift_seqs(conn: sqlite3.Connection, lane: int, shift: int, *, from_seq: int = 1) -> None:

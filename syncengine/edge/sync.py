@@ -34,7 +34,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Final, Literal, Protocol, TypeVar
 
 from syncengine import crashpoints, tasks
 from syncengine.cells import covers, covers_any, parse_prefix
@@ -85,6 +85,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_BACKOFF_BASE_S: Final = 0.5
 DEFAULT_BACKOFF_CAP_S: Final = 60.0
@@ -890,7 +891,7 @@ class Syncer:
                         "records": total,
                     }
                     try:
-                        await store.adopt(page.records, page.acked, bootstrap=state)
+                        await _kept(store.adopt(page.records, page.acked, bootstrap=state))
                         crashpoints.crashpoint("bootstrap.after_page_commit")
                     except BaseException:
                         coming.cancel()
@@ -1206,6 +1207,20 @@ async def _abandon(push: asyncio.Task[PushAnswer]) -> None:
         exc = push.exception()
         if exc is not None and not isinstance(exc, SyncError):
             raise exc
+
+
+async def _kept(write: Awaitable[T]) -> T:
+    """Await a local write that holds what came over the link, finishing it even when the
+    caller is cancelled (a cut, SIGTERM): what was paid for on the wire is not thrown away
+    and fetched again. The cancellation is raised once the write is done."""
+    task = asyncio.ensure_future(write)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if not task.done():
+            with contextlib.suppress(Exception):
+                await task
+        raise
 
 
 def _priority(tier: Tier) -> int:

@@ -31,7 +31,8 @@ async def test_snapshot_pages_resume_and_respect_boundaries(hub) -> None:  # typ
     inside = [("west/ng/lagos/clinic-1", f"k{i}", {"i": i}) for i in range(7)]
     inside += [("west/ng/lagos/clinic-1/ward-a", "w1", {"w": 1}),
                ("west/ng/lagos/clinic-1", "k3", None)]  # a tombstone: included
-    outside = [("west/ng/lagos/clinic-12", "x", {"x": 1}), ("west/ng/lagos", "y", {"y": 1})]
+    outside = [("west/ng/lagos/clinic-12", "x", {"x": 1}), ("west/ng/lagos", "y", {"y": 1}),
+               ("west/ng/lagos/clinic-1-annex", "z", {"z": 1})]  # sorts before clinic-1/
     headers = {"Authorization": f"Bearer {reader}"}
     async with aiohttp.ClientSession() as http:
         await push(http, hub.url, writer, "writer", inside + outside)
@@ -54,7 +55,20 @@ async def test_snapshot_pages_resume_and_respect_boundaries(hub) -> None:  # typ
                 break
         keys = [(c, k) for c, _, k, _, _ in seen]
         assert keys == sorted(keys) and len(keys) == len(set(keys)) == 8
-        assert ("west/ng/lagos/clinic-12", "x") not in keys and ("west/ng/lagos", "y") not in keys
+        assert all((c, k) not in keys for c, k, _ in outside)
+        for limit in ("1", "7", "100"):  # a page per record, one ending with the own cell, one
+            token, again_keys = None, []
+            while True:
+                params = {"prefix": "west/ng/lagos/clinic-1", "limit": limit}
+                if token:
+                    params["after"] = token
+                async with http.get(f"{hub.url}/v1/snapshot", params=params,
+                                    headers=headers) as resp:
+                    page = decode_snapshot_page(decode(await resp.read()))
+                again_keys += [(c, k) for c, _, k, _, _ in page.records]
+                if (token := page.next) is None:
+                    break
+            assert again_keys == keys, limit
         hub_states = {(r["cell"], r["key"]): bytes(r["state"]) for r in
                       await hub.hub.pool.fetch("SELECT cell, key, state FROM records")}
         assert all(hub_states[(c, k)] == state for c, _, k, state, _ in seen)
