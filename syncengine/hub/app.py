@@ -314,9 +314,13 @@ class Hub:
         and wake the long-polls reading its cells, here and in the other hub processes."""
         rows = [row for batch in applied for row in batch.feed_rows]
         await self.cache.put_feed_batch(applied[0].epoch, rows)
+        everything: dict[int, frozenset[str]] = {}
         for batch in applied:  # the pusher's own long-polls sleep through its batch
-            self.wakeups.wake(_changed_cells(batch.feed_rows), writer=batch.feed_rows[0][5])
-        await self.cache.publish_wakeup(_changed_cells(rows))
+            changed = _changed_cells(batch.feed_rows)
+            self.wakeups.wake(changed, writer=batch.feed_rows[0][5])
+            for tier, cells in changed.items():
+                everything[tier] = everything.get(tier, frozenset()) | cells
+        await self.cache.publish_wakeup(everything)
 
     async def _pull(self, request: web.Request) -> web.Response:
         node = await self._node(request)
@@ -586,7 +590,7 @@ def _watch_params(values: list[str], tier: int) -> dict[int, int]:
     return watch
 
 
-def _changed_cells(feed_rows: list[list[Any]]) -> Changed:
+def _changed_cells(feed_rows: list[list[Any]]) -> dict[int, frozenset[str]]:
     """Per tier, the cells a push wrote (feed rows are ``[id, tier, cell, …]``)."""
     changed: dict[int, set[str]] = {}
     for row in feed_rows:
