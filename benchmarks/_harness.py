@@ -27,6 +27,7 @@ from syncengine.hub.app import run_hub
 from syncengine.hub.nodes import add_node
 from syncengine.merge import Change
 from syncengine.protocol import PushBatch, decode_push_answer, encode_body, encode_push
+from syncengine.service import tune_gc
 
 CELL = "west/ng/lagos/clinic-12"
 
@@ -41,8 +42,9 @@ class Bench:
 
 
 def _serve(settings: dict[str, Any]) -> None:
-    """The hub process: a real hub on its own core, as in production."""
-    asyncio.run(run_hub(HubConfig.from_mapping(settings)))
+    """The hub process: a real hub on its own core, as in production (`syncengine hub run`
+    tunes the garbage collector once it is ready)."""
+    asyncio.run(run_hub(HubConfig.from_mapping(settings), ready=tune_gc))
 
 
 @asynccontextmanager

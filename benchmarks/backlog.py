@@ -31,6 +31,7 @@ from syncengine.edge.link import HubLink
 from syncengine.edge.outbox import encode_payload
 from syncengine.edge.store import EdgeStore
 from syncengine.edge.sync import Syncer
+from syncengine.service import tune_gc
 from syncengine.tiers import Tier
 
 NODE = "bench-edge"
@@ -113,6 +114,7 @@ async def main() -> None:
                     task = progress.add_task("drain", total=args.changes)
                     syncer = Syncer(store, link, subscriptions=[], observer=_Bar(progress, task))
                     await syncer.learn_config()
+                    tune_gc()  # as `syncengine edge run` does once started
                     start = time.perf_counter()
                     pushed = await syncer.push_lane(Tier.STANDARD.priority)
                     drain_s = time.perf_counter() - start

@@ -31,6 +31,7 @@ from syncengine.edge.sync import Syncer
 from syncengine.protocol import (
     SnapshotPage,
 )
+from syncengine.service import tune_gc
 
 SEED_BATCH = 5000
 
@@ -71,6 +72,7 @@ async def main() -> None:
             ):
                 syncer = Syncer(store, link, subscriptions=[CELL])
                 await syncer.learn_config()
+                tune_gc()  # as `syncengine edge run` does once started
                 columns = (
                     TextColumn("bootstrap"),
                     BarColumn(),

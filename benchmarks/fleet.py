@@ -69,6 +69,7 @@ from syncengine.edge.store import EdgeStore
 from syncengine.edge.sync import Syncer
 from syncengine.errors import SyncError
 from syncengine.hub.nodes import add_node
+from syncengine.service import tune_gc
 from syncengine.tiers import DEFAULT_LONG_POLL_IDLE_S, Tier
 
 REGION = "west/ng/lagos"
@@ -228,6 +229,7 @@ async def _worker_main(job: dict[str, Any], shared: dict[str, Any]) -> dict[str,
             await syncer.learn_config()
             await syncer.bootstrap()
             edges.append((i, syncer))
+        tune_gc()  # as `syncengine edge run` does once started
         shared["ready"].release()
         await _until(lambda: shared["start"].value > 0)
         stop_at = shared["start"].value + job["seconds"]

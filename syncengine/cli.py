@@ -87,7 +87,7 @@ from syncengine.migrations import (
 )
 from syncengine.regions import load_regions
 from syncengine.resources import data_dir
-from syncengine.service import LogFormat, log_formatter, notify
+from syncengine.service import LogFormat, log_formatter, notify, tune_gc
 from syncengine.tiers import Tier
 
 __all__ = ["STATUS_SCHEMA", "cli", "config_option", "edge", "hub", "main"]
@@ -538,6 +538,7 @@ async def _run_edge(config: EdgeConfig) -> None:
         loop.add_signal_handler(sig, on_signal, sig)
     try:
         async with EdgeDaemon(config) as daemon:
+            tune_gc()
             waiters = {
                 asyncio.create_task(stop.wait(), name="stop-signal"),
                 asyncio.create_task(daemon.wait(), name="daemon-failure"),
@@ -970,6 +971,7 @@ async def _serve_hub(config: HubConfig) -> None:
 
     def ready() -> None:
         log.info("hub ready")
+        tune_gc()
         notify("READY=1")
 
     serving = asyncio.create_task(run_hub(config, ready=ready), name="syncengine-hub")

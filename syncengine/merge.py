@@ -167,7 +167,10 @@ class RecordState:
 
     def document(self) -> dict[str, Any]:
         """The record as readers see it: visible fields only, hub-origin values first."""
-        doc = {name: e[0] for name, e in self.fields.items() if self._visible(e)}
+        if self.tomb is None:
+            doc = {name: e[0] for name, e in self.fields.items()}
+        else:
+            doc = {name: e[0] for name, e in self.fields.items() if self._visible(e)}
         for name, e in self.hub.items():
             if self._visible(e):
                 doc[name] = e[0]
@@ -181,10 +184,12 @@ class RecordState:
     @property
     def max_hlc(self) -> int:
         """The newest stamp in the state (fields or tombstone)."""
-        stamps = [e[1] for e in self.fields.values()] + [e[1] for e in self.hub.values()]
+        newest = max([e[1] for e in self.fields.values()], default=0)
+        if self.hub:
+            newest = max(newest, *(e[1] for e in self.hub.values()))
         if self.tomb is not None:
-            stamps.append(self.tomb[0])
-        return max(stamps, default=0)
+            newest = max(newest, self.tomb[0])
+        return newest
 
     # -- encoding -------------------------------------------------------------------------
 
@@ -225,16 +230,16 @@ class RecordState:
         return cls(fields, tomb, hub)
 
 
-def _canonical_entries(entries: Mapping[str, Entry]) -> dict[str, list[Any]]:
-    out = {}
-    for name in sorted(entries):
-        value, hlc, node = entries[name]
-        out[name] = [
-            canonical(value) if isinstance(value, dict | list | tuple) else value,
-            hlc,
-            node,
-        ]
-    return out
+def _canonical_entries(entries: Mapping[str, Entry]) -> dict[str, Entry]:
+    # An entry tuple packs as the array [value, hlc, node]; only a container value is
+    # rebuilt (its maps ordered by key). Names are unique: sorting the items compares names.
+    return {
+        name: (canonical(e[0]), e[1], e[2]) if isinstance(e[0], _CONTAINERS) else e
+        for name, e in sorted(entries.items())
+    }
+
+
+_CONTAINERS: Final = (dict, list, tuple)
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,7 @@ and its exit codes, errors as ``error:``/``hint:``, and the example configs."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from support.servers import free_port
 from syncengine.cli import cli, tier_state
 from syncengine.config import load_config, load_edge_config, load_hub_config
 from syncengine.edge.store import EdgeStore
-from syncengine.service import log_formatter, notify, watchdog_interval_s
+from syncengine.service import GC_THRESHOLDS, log_formatter, notify, tune_gc, watchdog_interval_s
 from syncengine.tiers import TierRules
 
 REPO = Path(__file__).resolve().parents[2]
@@ -484,6 +485,17 @@ def test_systemd_notify_sends_one_datagram(tmp_path: Path, monkeypatch: pytest.M
         assert notify("READY=1") is False  # nobody listening: a no-op
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone.sock"))
     assert notify("STOPPING=1") is False  # logged, never raised
+
+
+def test_tune_gc_freezes_start_up_objects_and_raises_thresholds() -> None:
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert gc.get_freeze_count() > 0  # modules and config: out of the collector's way
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
 
 
 def test_watchdog_interval_is_half_of_what_systemd_allows() -> None:
