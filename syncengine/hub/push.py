@@ -442,17 +442,18 @@ class Applier:
                 work.append((i, todo))
             written = await self._write(conn, group, work) if work else {}
             if work:
-                # One row per lane: the last seq the group applied of it.
-                advanced = sorted(k for k, acked in acked_of.items() if acked != started[k])
-                await conn.execute(
-                    "INSERT INTO node_lanes (node_id, lane, acked_seq) "
-                    "SELECT * FROM unnest($1::text[], $2::int2[], $3::int8[]) "
-                    "ON CONFLICT (node_id, lane) DO UPDATE "
-                    "SET acked_seq = excluded.acked_seq, updated_at = now()",
-                    *_columns(
-                        (node_id, lane, acked_of[node_id, lane]) for node_id, lane in advanced
-                    ),
-                )
+                # One row per lane: the last seq the group applied of it (none only in a
+                # build whose dedup let replays through: the lanes already hold them).
+                if advanced := sorted(k for k, a in acked_of.items() if a != started[k]):
+                    await conn.execute(
+                        "INSERT INTO node_lanes (node_id, lane, acked_seq) "
+                        "SELECT * FROM unnest($1::text[], $2::int2[], $3::int8[]) "
+                        "ON CONFLICT (node_id, lane) DO UPDATE "
+                        "SET acked_seq = excluded.acked_seq, updated_at = now()",
+                        *_columns(
+                            (node_id, lane, acked_of[node_id, lane]) for node_id, lane in advanced
+                        ),
+                    )
                 await conn.execute(
                     "UPDATE nodes SET last_seen = now() WHERE node_id = ANY($1::text[])",
                     sorted({group[i].node.node_id for i, _ in work}),
