@@ -10,7 +10,8 @@ long mode: ten groups of five) and subscribe to the group's cells, with bursts o
 changes that fill a thin link (and the hub's batch cap of :data:`MAX_BATCH`), while a seeded
 nemesis applies RSTs in the middle of requests and of responses, dropped responses (the
 request landed, the answer never arrived), black holes, slicing, swizzle-clog (edges cut one
-at a time, restored in another random order) and, between hub and PostgreSQL, connection
+at a time, restored in another random order), full batches torn (a burst on one edge, then
+an RST in the middle of its first full batch) and, between hub and PostgreSQL, connection
 cuts, some of them at a COMMIT (before it reaches the server, and after the server committed
 but before the hub heard). Then every link heals, writers stop, and the test waits for the
 system to settle.
@@ -143,6 +144,7 @@ NEMESIS_KINDS: Final = (
     "pg_cut",
     "pg_cut_before_commit",
     "pg_cut_after_commit",
+    "full_batch_rst",
 )
 #: Fault kinds a profile applies by itself; every one must fire in a run.
 PROFILE_KINDS: Final = ("cut", "flaky_rst", "offline")
@@ -153,6 +155,8 @@ BURST: Final = (80, 150)
 BURST_EVERY_S: Final = pick(60.0, 300.0)
 #: The hub's batch cap: bursts fill several batches, so failed full batches are common.
 MAX_BATCH: Final = 50
+#: Full batches torn in a row by one ``full_batch_rst`` fault.
+TEARS: Final = 2
 
 #: How often each daemon's watcher reads the file's data_version (default 25 ms).
 WATCH_INTERVAL_S: Final = 0.2
@@ -250,6 +254,9 @@ class RecordingLink(HubLink):
         self.pushes: list[Push] = []
         self.batch_size: Callable[[], int] | None = None
         self.delete_on_send: Callable[[OutboxBatch], Awaitable[None]] | None = None
+        #: Set by the ``full_batch_rst`` fault: awaited (once) as the next full batch
+        #: leaves, it returns once an RST of the request is armed.
+        self.tear_full: Callable[[], Awaitable[None]] | None = None
 
     async def _call(self, method: str, path: str, **kw: Any) -> Any:
         start = time.monotonic()
@@ -275,6 +282,9 @@ class RecordingLink(HubLink):
             start=time.monotonic(),
         )
         self.pushes.append(rec)
+        if self.tear_full is not None and rec.limit is not None and 2 <= len(rec.seqs) == rec.limit:
+            tear, self.tear_full = self.tear_full, None
+            await tear()
         try:
             if self.delete_on_send is not None:
                 await self.delete_on_send(batch)
@@ -299,6 +309,8 @@ class EdgeRun:
     link: RecordingLink
     daemon: EdgeDaemon
     writes: list[Write] = field(default_factory=list)
+    #: Set by the ``full_batch_rst`` fault: the writer bursts at once.
+    burst_now: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass
@@ -461,7 +473,8 @@ async def write_loop(
         edge.writes.append(Write(edge.node, tier, key, value, time.monotonic()))
 
     while not stop.is_set():
-        if time.monotonic() >= next_burst:
+        if time.monotonic() >= next_burst or edge.burst_now.is_set():
+            edge.burst_now.clear()
             n = rng.randint(*BURST)
             await asyncio.gather(*(put("standard") for _ in range(n)))
             next_burst = time.monotonic() + rng.expovariate(1 / burst_every_s)
@@ -529,6 +542,8 @@ async def apply_fault(run: Run, kind: str, rng: random.Random) -> None:
         await link.slice(rng.uniform(5, 20), rng.randint(1, 64), rng.uniform(0, 3))
     elif kind == "swizzle_clog":
         await swizzle_clog(run, rng)
+    elif kind == "full_batch_rst":
+        await tear_full_batch(rng.choice([e for e in run.edges if e.shaped is link]), rng)
     elif kind == "pg_cut":
         if await run.pg.reset_peer():
             run.applied["pg_cut"] += 1
@@ -547,6 +562,35 @@ async def apply_fault(run: Run, kind: str, rng: random.Random) -> None:
             await run.pg.cut_at_commit(None)
     else:
         raise AssertionError(f"unknown fault kind {kind!r}")
+
+
+async def tear_full_batch(edge: EdgeRun, rng: random.Random) -> None:
+    """A burst of standard changes on ``edge``, then its next :data:`TEARS` full batches
+    reset in the middle of the request: failed full batches, each of which the edge must
+    retry at most half as large (the nemesis's other faults tear a full batch only by
+    chance, and a success of another lane between a tear and its retry lets the size grow
+    back, so one tear alone may show no shrink)."""
+    edge.burst_now.set()
+    for _ in range(TEARS):
+        leaving, armed = asyncio.Event(), asyncio.Event()
+
+        async def tear(leaving: asyncio.Event = leaving, armed: asyncio.Event = armed) -> None:
+            leaving.set()
+            await armed.wait()
+
+        edge.link.tear_full = tear
+        try:
+            # An edge in a black hole or offline sends its burst when the link is back.
+            await leaving.wait()
+            rst = asyncio.create_task(
+                edge.shaped.rst_mid_request(rng.randint(200, 400), kind="full_batch_rst")
+            )
+            await asyncio.sleep(0)  # the budget is set before the request's first byte leaves
+            armed.set()
+            await rst
+        finally:
+            edge.link.tear_full = None
+            armed.set()
 
 
 async def swizzle_clog(run: Run, rng: random.Random) -> None:
@@ -1137,11 +1181,10 @@ async def test_t07_network_fault_matrix(servers: Servers) -> None:
     the link time of what the edge carried after it, no hung call, no priority inversion,
     batches that shrink, no stalled queue."""
     summary = Summary(test="T7", name="network fault matrix", extra_violations=VIOLATIONS)
-    # A shrink needs a full batch to fail, and in a 2-minute quick run with a fast hub few
-    # batches are full when a fault lands: the quick run reports the shrinks it saw and
-    # still fails on a full batch retried unshrunk (`batch_not_shrunk`); the long run must
-    # see them. The sizer itself is tested in tests/unit/test_sync_policy.py.
-    summary.needs["batch_shrunk"] = pick(0, 1)
+    # A shrink needs a full batch to fail: the nemesis's `full_batch_rst` makes one (a
+    # burst, then the first full batch torn), so both modes must see shrinks. The sizer
+    # itself is tested in tests/unit/test_sync_policy.py.
+    summary.needs["batch_shrunk"] = 1
     async with AsyncExitStack() as stack:
         run = await scenario(
             stack,
