@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import multiprocessing
 import resource
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from _harness import make_changes, raw_copy_rate, running_hub, token_for
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 from syncengine.edge.link import HubLink
 from syncengine.edge.outbox import encode_payload
@@ -65,13 +66,31 @@ def _fill(db: str, count: int) -> None:
 
 
 class _Bar:
-    """The syncer's observer: moves the progress bar on each acknowledged batch."""
+    """The syncer's observer: moves the progress bar on each acknowledged batch, and notes
+    when each tenth of the queue was through (the rate of each tenth: does it hold up as
+    the hub's tables grow?)."""
 
-    def __init__(self, progress: Progress, task: int) -> None:
+    def __init__(self, progress: Progress, task: TaskID, total: int) -> None:
         self.progress, self.task = progress, task
+        self.total, self.done = total, 0
+        self.tenths: list[tuple[int, float]] = []  # (changes through, perf_counter)
+
+    def start(self) -> None:
+        self.tenths = [(0, time.perf_counter())]
 
     def batch_pushed(self, tier: Tier, changes: int) -> None:
         self.progress.advance(self.task, changes)
+        self.done += changes
+        if self.done * 10 >= self.total * len(self.tenths) or self.done == self.total:
+            self.tenths.append((self.done, time.perf_counter()))
+
+    def rates(self) -> list[int]:
+        """Changes/s over each stretch between two notes."""
+        return [
+            round((n1 - n0) / (t1 - t0))
+            for (n0, t0), (n1, t1) in itertools.pairwise(self.tenths)
+            if t1 > t0
+        ]
 
     def page_pulled(self, tier: Tier, changes: int) -> None:
         pass
@@ -112,10 +131,12 @@ async def main() -> None:
                 )
                 with Progress(*columns, console=console) as progress:
                     task = progress.add_task("drain", total=args.changes)
-                    syncer = Syncer(store, link, subscriptions=[], observer=_Bar(progress, task))
+                    bar = _Bar(progress, task, args.changes)
+                    syncer = Syncer(store, link, subscriptions=[], observer=bar)
                     await syncer.learn_config()
                     tune_gc()  # as `syncengine edge run` does once started
                     start = time.perf_counter()
+                    bar.start()
                     pushed = await syncer.push_lane(Tier.STANDARD.priority)
                     drain_s = time.perf_counter() - start
                 assert pushed == args.changes, pushed
@@ -136,6 +157,7 @@ async def main() -> None:
         "edge_peak_rss_mb": round(peak_kb / 1024, 1),
         "edge_rss_before_drain_mb": round(rss_before / 1024, 1),
         "raw_copy_rows_per_s": round(copy),
+        "rate_by_tenth": bar.rates(),
     }
     if args.json:
         print(json.dumps(result))
@@ -146,6 +168,7 @@ async def main() -> None:
         f"  edge peak RSS:  {result['edge_peak_rss_mb']:>10} MB (before the drain {rss_before / 1024:.0f} MB)"
     )
     print(f"  on the wire:    {result['wire_bytes_per_change']:>10} bytes/change")
+    print(f"  by tenth:       {', '.join(f'{r:,}' for r in result['rate_by_tenth'])} changes/s")
     print(f"  raw COPY:       {result['raw_copy_rows_per_s']:>10,} rows/s (same server, same run)")
 
 
