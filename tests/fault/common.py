@@ -1,6 +1,7 @@
 """Helpers several fault tests share: an edge's config file, the ``syncengine`` CLI and
-``syncengine edge run`` as child processes, plain-sqlite3 reads of an edge file, a
-percentile, and a tally of violations that keeps a few examples of each.
+``syncengine edge run`` as child processes, a small tmpfs and a filler file that fills it
+(disk full, T12 and T17), plain-sqlite3 reads of an edge file, a percentile, and a tally of
+violations that keeps a few examples of each.
 
 The checker side here uses no syncengine code: the edge file is read with ``sqlite3``.
 """
@@ -13,13 +14,16 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 # ------------------------------------------------------------------------- edge config
 
@@ -149,6 +153,44 @@ class Daemon:
         if self._reader is not None:
             await self._reader
         return code
+
+
+# ---------------------------------------------------------------------------- disk full
+
+
+def require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip(f"{what} needs root (mount); CI runs as root")
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``path`` for the block; unmounted after."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(path)], check=False, capture_output=True)
+        if subprocess.run(["umount", str(path)], check=False, capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def place_filler(folder: Path, leave: int) -> int:
+    """Allocate a filler file so that only about ``leave`` bytes stay free; its size."""
+    size = max(0, free_bytes(folder) - leave)
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        if size:
+            os.posix_fallocate(fd, 0, size)
+    finally:
+        os.close(fd)
+    return size
 
 
 # ------------------------------------------------------------------------------ checks

@@ -4,12 +4,21 @@ pause and resume over stdin.
 Usage: ``python t17_child.py CONFIG_JSON PREFIX RATE``
 
 Prints ``ready`` once the daemon runs, ``bootstrapped`` once it holds its subscriptions (the
-writers start then), and one line per acknowledged write (``<key>``, only after ``put`` returned) at about RATE writes/s
-across the critical, important and standard cells of ``edge_child.CELLS``. Commands on stdin,
-one a line: ``pause`` stops the writers and prints ``paused`` once no ``put`` is in flight (so
-every acknowledged key was printed before it); ``resume`` starts them again and prints
-``resumed``. The daemon keeps syncing throughout. End of stdin (the test is gone) ends the
-process.
+writers start then), and one line per acknowledged write (``<key>``, only after ``put``
+returned) at about RATE writes/s across the critical, important and standard cells of
+``edge_child.CELLS``. A ``put`` that fails with a :class:`StorageError` (the disk is full)
+prints ``refused <key> <code>`` instead: never acknowledged, and the writer goes on with its
+next key. Commands on stdin, one a line: ``pause`` stops the writers and prints ``paused``
+once no ``put`` is in flight (so every acknowledged key was printed before it); ``resume``
+starts them again and prints ``resumed``. The daemon keeps syncing throughout. End of stdin
+(the test is gone) ends the process.
+
+The process owns the store, as an application does, and lends it to the daemon. A failure of
+the store stops the daemon (``EdgeDaemon.wait`` raises it; ``syncengine edge run`` exits 1
+and systemd restarts it): on ``disk_full`` this process plays that supervisor, prints
+``daemon-restart disk_full`` and starts a new daemon on the same store after
+:data:`DAEMON_RESTART_S`, while the writers go on. Any other failure of the daemon ends the
+process with an error (the test counts an edge crash).
 
 ``SYNCENGINE_T3_BROKEN=ack_before_commit`` is the negative control's broken build (see
 ``edge_child.py``).
@@ -25,7 +34,11 @@ import sys
 from edge_child import CELLS, CONCURRENCY, _break_ack_before_commit
 
 from syncengine.config import EdgeConfig
-from syncengine.edge.daemon import EdgeDaemon
+from syncengine.edge.daemon import EdgeDaemon, open_store
+from syncengine.errors import StorageError
+
+#: How long the daemon stays stopped after a disk-full stop (systemd's ``RestartSec``).
+DAEMON_RESTART_S = 0.5
 
 
 def say(line: str) -> None:
@@ -42,11 +55,29 @@ async def main(config_json: str, prefix: str, rate: float) -> None:
     # of five, would otherwise die before it ever said so.
     holding = asyncio.Event()
     in_flight = 0
-    async with EdgeDaemon(config, notify=lambda _msg: None) as daemon:
-        say("ready")
+    async with open_store(config) as store:
+        started = asyncio.Event()
+        daemon: EdgeDaemon | None = None
+
+        async def supervise() -> None:
+            """Run the daemon; start a new one after each stop on a full disk."""
+            nonlocal daemon
+            while True:
+                try:
+                    async with EdgeDaemon(config, store=store, notify=lambda _msg: None) as daemon:
+                        if not started.is_set():
+                            say("ready")
+                            started.set()
+                        await daemon.wait()
+                except StorageError as exc:
+                    if exc.code != "disk_full":
+                        raise
+                    say(f"daemon-restart {exc.code}")
+                await asyncio.sleep(DAEMON_RESTART_S)
 
         async def bootstrapped() -> None:
-            while not daemon.health().bootstrapped:
+            await started.wait()
+            while daemon is None or not daemon.health().bootstrapped:
                 await asyncio.sleep(0.05)
             say("bootstrapped")
             holding.set()
@@ -78,13 +109,18 @@ async def main(config_json: str, prefix: str, rate: float) -> None:
                 key = f"{prefix}-{i}"
                 in_flight += 1
                 try:
-                    await daemon.store.put(cell, collection, key, {"n": i, "by": config.node_id})
+                    await store.put(cell, collection, key, {"n": i, "by": config.node_id})
+                except StorageError as exc:
+                    say(f"refused {key} {exc.code}")
+                else:
                     say(key)
                 finally:
                     in_flight -= 1
                 await asyncio.sleep(pause)
 
-        await asyncio.gather(bootstrapped(), commands(), *(writer() for _ in range(CONCURRENCY)))
+        await asyncio.gather(
+            supervise(), bootstrapped(), commands(), *(writer() for _ in range(CONCURRENCY))
+        )
 
 
 if __name__ == "__main__":

@@ -51,7 +51,15 @@ from typing import Any
 
 import pytest
 
-from fault.common import Daemon, outbox_depth, run_cli, write_alerts_config
+from fault.common import (
+    Daemon,
+    outbox_depth,
+    place_filler,
+    require_root,
+    run_cli,
+    tmpfs,
+    write_alerts_config,
+)
 from fault.harness import Summary, pick
 
 pytestmark = [pytest.mark.slow]
@@ -69,41 +77,6 @@ def unknown_outcome(code: str | None) -> bool:
     """A refusal whose write may or may not be stored: an I/O error, or any failure of the
     COMMIT itself (t12_child.py reports those as ``CODE@commit``)."""
     return code is not None and (code == "io_error" or code.endswith("@commit"))
-
-
-def require_root(what: str) -> None:
-    if os.geteuid() != 0:
-        pytest.skip(f"{what} needs root (mount); CI runs as root")
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of ``size`` mounted at ``path`` for the block; unmounted after."""
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["mount", "-o", "remount,rw", str(path)], check=False, capture_output=True)
-        if subprocess.run(["umount", str(path)], check=False, capture_output=True).returncode:
-            subprocess.run(["umount", "-l", str(path)], check=True)
-
-
-def free_bytes(path: Path) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
-
-
-def place_filler(folder: Path, leave: int) -> int:
-    """Allocate a filler file so that only about ``leave`` bytes stay free; its size."""
-    size = max(0, free_bytes(folder) - leave)
-    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        if size:
-            os.posix_fallocate(fd, 0, size)
-    finally:
-        os.close(fd)
-    return size
 
 
 # ---------------------------------------------------------------------------- the child

@@ -11,7 +11,8 @@ subscribes to clinic-12, so every edge must end up holding what every other one 
 
 The schedule, seeded from ``SYNCENGINE_SEED``: each period plans every fault kind once plus
 random extras at random times in its fault window (:data:`FAULT_S`), and runs them as
-overlapping tasks (one fault at a time per resource: a process, PostgreSQL, Redis, a link):
+overlapping tasks (one fault at a time per resource: a process and its disk, PostgreSQL,
+Redis, a link; and one full disk at a time):
 
 - ``edge_kill``: SIGKILL an edge and restart it after 0.2-2 s (T3);
 - ``clock_skew``: restart an edge with its wall clock shifted inside the hub's drift
@@ -25,11 +26,25 @@ overlapping tasks (one fault at a time per resource: a process, PostgreSQL, Redi
 - ``link_blackhole``: an edge's link forwards nothing for 3-15 s (T7);
 - ``link_rst``: an RST in the middle of a request or of a response, a dropped response
   (the request landed, the answer never came), or an RST of every open connection (T7);
-- ``link_flaky``: the link becomes a 3g link with RSTs now and then for 8-20 s (T7).
+- ``link_flaky``: the link becomes a 3g link with RSTs now and then for 8-20 s (T7);
+- ``disk_full``: a filler file takes (almost) all the free space of an edge's tmpfs for
+  2-8 s, then is deleted (T12). Meanwhile the edge's ``put`` calls that need new space fail
+  with a ``disk_full`` :class:`StorageError` and are never acknowledged (the writer goes on
+  with its next key), and the daemon's own writes fail too: the daemon stops on that store
+  failure, as it is built to (``syncengine edge run`` exits 1 for systemd to restart it), and
+  ``t17_child.py`` starts a new one on the same store after 0.5 s; the process stays up.
 
-Disk full and EIO (T12) are not composed yet (they need the FUSE/LD_PRELOAD layer of
-``t12_child.py``), nor skews beyond the drift (their writes are meant to dead-letter, which
-the no-dead-letters check here forbids).
+Each edge's store lives on a tmpfs of its own (:data:`DISK_SIZE`), so the soak needs root
+(the test is skipped otherwise; the negative control, which has no disk fault, does not).
+SQLite keeps writing into the space its WAL file already holds, so the fault truncates the WAL
+(``PRAGMA wal_checkpoint(TRUNCATE)``) before it places the filler: the next commit that grows
+the WAL fails. The summary counts the refused puts (``disk_full_refused``, a coverage cell:
+at least one per run) and the daemon's restarts (``daemon_disk_full_restarts``).
+
+I/O errors (EIO: T12's libfiu ``pwrite``/``fsync`` faults) are not composed yet (libfiu wraps
+a whole process from its start, so it cannot come and go as a fault of a running edge), nor
+skews beyond the drift (their writes are meant to dead-letter, which the no-dead-letters
+check here forbids).
 
 At the end of each period (a quiescence): the nemesis stops and undoes every fault (what is
 down restarts, links clear), the writers pause (each child says ``paused`` once no ``put`` is
@@ -39,16 +54,19 @@ Then the checker, reading PostgreSQL with asyncpg and each edge file with sqlite
 
 - every acknowledged write is in the hub's feed exactly once, with its value in ``records``
   (``lost``, ``duplicated``), and in its own edge's file (``lost_locally``);
-- no dead letters, every edge file passes ``integrity_check``, no edge daemon died by itself;
+- no dead letters, every edge file passes ``integrity_check``, no edge process died by itself
+  (``edge_crashes``; a daemon stop on anything but a full disk ends its process);
+- a put refused with ``disk_full`` is neither in the hub's feed nor in its edge's file
+  (``refused_visible``), and no put was refused for another reason (``other_refusals``);
 - convergence: ``divergent`` records, and edges ``not_converged`` within the bound;
 - ``syncengine hub verify --deep`` passes (``verify_failures``).
 
 Resources are sampled at every checkpoint: RSS and open fds of each hub and edge process,
-each edge's WAL size and outbox depth, and PostgreSQL's connection count. Hub ``hub1`` and
-edge ``e0`` are never killed (every other fault still hits them), so their figures span the
-run: a process whose RSS or fd count grew at every one of at least :data:`LEAK_MIN_POINTS`
-checkpoints by more than the slack is a leak (a violation in long mode; reported in quick
-mode, whose two checkpoints cannot show a trend).
+each edge's file and WAL sizes and outbox depth, and PostgreSQL's connection count. Hub
+``hub1`` and edge ``e0`` are never killed (every other fault still hits them), so their
+figures span the run: a process whose RSS or fd count grew at every one of at least
+:data:`LEAK_MIN_POINTS` checkpoints by more than the slack is a leak (a violation in long
+mode; reported in quick mode, whose two checkpoints cannot show a trend).
 
 Quick mode runs two periods of 45 s of faults on four edges; long mode runs the plan's 2 h
 in 15 min periods on eight edges. The negative control runs a short soak of edge kills
@@ -59,6 +77,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import itertools
 import json
@@ -79,7 +98,15 @@ import msgpack
 import pytest
 
 from fault.cluster import HubCluster, HubProcess
-from fault.common import Violations, percentile, run_cli
+from fault.common import (
+    Violations,
+    free_bytes,
+    percentile,
+    place_filler,
+    require_root,
+    run_cli,
+    tmpfs,
+)
 from fault.harness import MODE, SEED, History, Summary, crashpoint_env, crashpoint_hits, pick
 from fault.profiles import PROFILES, ShapedLink
 from support.proxy import ProxyFactory
@@ -129,12 +156,27 @@ LEAK_SLACK: Final = {"rss_kb": 32 * 1024, "fds": 16}
 SKEW_S: Final = (-1800.0, 120.0)
 #: The negative control's crash point probability, per group commit.
 CONTROL_POINT_P: Final = 0.2
+#: Each edge's tmpfs. It must hold the store's normal growth over a long run, so that the
+#: disk is full only while the filler is there: every edge holds every record of clinic-12,
+#: and 2 h at the long mode's 8 edges x 10 writes/s is 576,000 records. A record takes 205 B
+#: of the file (its row and its key's index entry, measured with ``dbstat`` over 30,000 puts
+#: of these keys and documents), 307 B with its outbox row (freed once pushed); counting 400 B
+#: for half-full pages, that is 230 MB. The WAL stays at up to ``journal_size_limit`` (64 MB)
+#: when checkpoints lag, and the -shm is far smaller: about 300 MB in all, so 512 MB leaves
+#: 200 MB of headroom. tmpfs takes memory only for what is written, but the filler allocates
+#: all the free space: one disk is full at a time (:attr:`Soak.disk_lock`).
+DISK_SIZE: Final = "512m"
+#: Free space the filler leaves: a few pages, so the next commit that grows a file fails.
+DISK_LEAVE_BYTES: Final = 16 * 1024
+#: How long a disk stays full.
+DISK_FULL_S: Final = (2.0, 8.0)
 
 PROCESS_KINDS: Final = ("edge_kill", "clock_skew", "hub_kill")
 PG_KINDS: Final = ("pg_crash", "pg_freeze")
 REDIS_KINDS: Final = ("redis_stop", "redis_freeze", "redis_flushall")
 LINK_KINDS: Final = ("link_blackhole", "link_rst", "link_flaky")
-KINDS: Final = (*PROCESS_KINDS, *PG_KINDS, *REDIS_KINDS, *LINK_KINDS)
+DISK_KINDS: Final = ("disk_full",)
+KINDS: Final = (*PROCESS_KINDS, *PG_KINDS, *REDIS_KINDS, *LINK_KINDS, *DISK_KINDS)
 
 VIOLATIONS: Final = (
     "lost_locally",
@@ -143,6 +185,8 @@ VIOLATIONS: Final = (
     "verify_failures",
     "integrity_failures",
     "edge_crashes",
+    "refused_visible",
+    "other_refusals",
     "leaks",
 )
 
@@ -151,11 +195,12 @@ VIOLATIONS: Final = (
 
 
 class EdgeProc:
-    """One ``t17_child.py`` process; acknowledged keys go to ``on_ack`` as they arrive."""
+    """One ``t17_child.py`` process; what it says (acknowledged keys, refused puts, daemon
+    restarts) goes to its :class:`Edge` as it arrives."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, on_ack: Callable[[str], None]) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, edge: Edge) -> None:
         self.proc = proc
-        self.on_ack = on_ack
+        self.edge = edge
         self.ready = asyncio.Event()
         self.bootstrapped = asyncio.Event()
         self.paused = asyncio.Event()
@@ -164,27 +209,20 @@ class EdgeProc:
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
-    async def start(
-        cls,
-        config: dict[str, Any],
-        prefix: str,
-        on_ack: Callable[[str], None],
-        env: dict[str, str],
-        wrapper: tuple[str, ...] = (),
-    ) -> EdgeProc:
+    async def start(cls, edge: Edge, prefix: str, wrapper: tuple[str, ...] = ()) -> EdgeProc:
         proc = await asyncio.create_subprocess_exec(
             *wrapper,
             sys.executable,
             str(CHILD),
-            json.dumps(config),
+            json.dumps(edge.config),
             prefix,
             str(RATE),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL,
-            env=env,
+            env=edge.env,
         )
-        return cls(proc, on_ack)
+        return cls(proc, edge)
 
     @property
     def pid(self) -> int:
@@ -208,8 +246,13 @@ class EdgeProc:
                 self.paused.set()
             elif text == "resumed":
                 self.resumed.set()
+            elif text.startswith("refused "):
+                _, key, code = text.split(" ", 2)
+                self.edge.refused[key] = code
+            elif text.startswith("daemon-restart "):
+                self.edge.daemon_restarts[text.split(" ", 1)[1]] += 1
             elif text:
-                self.on_ack(text)
+                self.edge.acked.add(text)
 
     async def command(self, command: str, answer: asyncio.Event, timeout: float) -> bool:
         """Send ``command``; True once the child answered within ``timeout``."""
@@ -234,7 +277,8 @@ class EdgeProc:
 
 @dataclass
 class Edge:
-    """One edge: its config, link, current process and every key it acknowledged."""
+    """One edge: its config, link, current process, every key it acknowledged and every put
+    refused."""
 
     name: str
     hub: HubProcess
@@ -242,9 +286,15 @@ class Edge:
     config: dict[str, Any]
     link: ShapedLink
     env: dict[str, str]
+    #: The tmpfs holding its store (None when the soak has no disk fault).
+    disk: Path | None = None
     proc: EdgeProc | None = None
     starts: int = 0
     acked: set[str] = field(default_factory=set)
+    #: Key -> error code of each put that failed (never acknowledged).
+    refused: dict[str, str] = field(default_factory=dict)
+    #: Daemon stops on a store failure that the process restarted, by error code.
+    daemon_restarts: Counter[str] = field(default_factory=Counter)
     #: Held by a fault that stops or restarts the process (the supervisor keeps off).
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     link_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -253,7 +303,7 @@ class Edge:
     async def start(self, wrapper: tuple[str, ...] = ()) -> None:
         prefix = f"{self.name}-s{self.starts}"
         self.starts += 1
-        self.proc = await EdgeProc.start(self.config, prefix, self.acked.add, self.env, wrapper)
+        self.proc = await EdgeProc.start(self, prefix, wrapper)
         await self.wait_ready()
         if self.paused:
             await self.proc.command("pause", self.proc.paused, 30)
@@ -325,6 +375,8 @@ class Soak:
         self.heal = asyncio.Event()
         self.pg_lock = asyncio.Lock()
         self.redis_lock = asyncio.Lock()
+        #: One disk full at a time: each filler takes up to a whole tmpfs of memory.
+        self.disk_lock = asyncio.Lock()
         self.hub_locks = {h.name: asyncio.Lock() for h in cluster.hubs}
         #: Hubs a fault holds down (the supervisor does not restart them meanwhile).
         self.held: set[str] = set()
@@ -521,8 +573,53 @@ class Soak:
                     await self.link_fault(kind, edge, rng)
                 finally:
                     edge.link.proxy.clear()
+        elif kind == "disk_full":
+            async with self.disk_lock:
+                # Not while a fault restarts the process: its store would not open.
+                victims = [e for e in self.edges if e.disk is not None and not e.lock.locked()]
+                if not victims or self.heal.is_set():
+                    self.stats.skipped[kind] += 1
+                    return
+                edge = rng.choice(victims)
+                async with edge.lock:
+                    await self.disk_full(edge, rng)
         else:
             raise AssertionError(f"unknown fault kind {kind!r}")
+
+    async def disk_full(self, edge: Edge, rng: random.Random) -> None:
+        """Fill ``edge``'s tmpfs for 2-8 s (or until the heal), then free it.
+
+        SQLite writes into the space its WAL file already holds (4 MB here, rewritten from
+        its start after each checkpoint), and at the soak's rates a WAL lasts well over a
+        minute: a full disk would refuse nothing within a few seconds. So the WAL is first
+        truncated through SQLite, as a checkpoint at a restart or an operator's
+        ``PRAGMA wal_checkpoint(TRUNCATE)`` does; the filler then takes that space too, and
+        the next commit that needs the WAL to grow fails."""
+        disk = edge.disk
+        assert disk is not None
+        try:
+            truncated = await asyncio.to_thread(truncate_wal, edge.db)
+            self.stats.variants["disk_full_wal_" + ("truncated" if truncated else "busy")] += 1
+            size = await self._fill(disk)
+            free = await asyncio.to_thread(free_bytes, disk)
+            self._applied(
+                "disk_full", edge=edge.name, filler_mb=size >> 20, free_b=free, wal=truncated
+            )
+            await self.hold(rng.uniform(*DISK_FULL_S))
+        finally:
+            await asyncio.to_thread((disk / "filler").unlink, missing_ok=True)
+
+    @staticmethod
+    async def _fill(disk: Path) -> int:
+        """Place the filler; its size. The edge writes meanwhile, so the space measured
+        before the allocation can be gone when it runs (ENOSPC): measure again."""
+        for _ in range(5):
+            try:
+                return await asyncio.to_thread(place_filler, disk, DISK_LEAVE_BYTES)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+        raise AssertionError(f"no filler fits on {disk}: the edge's writes outran it 5 times")
 
     async def link_fault(self, kind: str, edge: Edge, rng: random.Random) -> None:
         link = edge.link
@@ -694,6 +791,17 @@ class Soak:
             missing = edge.acked - local
             if missing:
                 v.bad("lost_locally", f"{edge.name}: {sorted(missing)[:3]}", len(missing))
+            # SQLite refuses a write short of space before its commit frame: nothing stored.
+            stored = sorted(
+                key
+                for key, code in edge.refused.items()
+                if code == "disk_full" and (key in local or (edge.name, key) in in_feed)
+            )
+            if stored:
+                v.bad("refused_visible", f"{edge.name}: {stored[:3]}", len(stored))
+            other = Counter(code for code in edge.refused.values() if code != "disk_full")
+            if other:
+                v.bad("other_refusals", f"{edge.name}: {dict(other)}", other.total())
             if dead:
                 v.bad("dead_letters", f"{edge.name}: {dead} dead letters", dead)
             differ = sorted(
@@ -743,6 +851,7 @@ class Soak:
                 procs[edge.name] = {"pid": edge.proc.pid, **proc_figures(edge.proc.pid)}
             _, depth, _ = await asyncio.to_thread(read_edge, edge.db)
             edges[edge.name] = {
+                "db_kb": edge.db.stat().st_size // 1024,
                 "wal_kb": edge.wal.stat().st_size // 1024 if edge.wal.exists() else 0,
                 "outbox": depth,
             }
@@ -810,6 +919,17 @@ def read_edge(db: Path) -> tuple[dict[tuple[str, str, str], bytes], int, int]:
     return records, int(depth), int(dead)
 
 
+def truncate_wal(db: Path) -> bool:
+    """``PRAGMA wal_checkpoint(TRUNCATE)`` on the edge file: True once the WAL is empty,
+    False when readers or a writer kept the checkpoint busy."""
+    conn = sqlite3.connect(db, timeout=2)
+    try:
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    finally:
+        conn.close()
+    return int(busy) == 0
+
+
 def integrity_of(db: Path) -> str:
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
     try:
@@ -874,11 +994,16 @@ async def soak_cluster(
     env: dict[str, str],
     expect_self_exits: bool = False,
 ) -> AsyncIterator[Soak]:
-    """Hubs, edges behind their proxies (every edge ready and bootstrapped), supervisors."""
+    """Hubs, edges behind their proxies (every edge ready and bootstrapped, each store on a
+    tmpfs of its own when ``kinds`` has ``disk_full``), supervisors."""
     rng = random.Random(SEED + 17)
-    async with HubCluster(
-        tmp_path, database_url=pg_dsn, redis_url=redis_url, count=2, settings=HUB_SETTINGS
-    ) as cluster:
+    # ``disks`` unmounts the tmpfs mounts once the edges on them were killed (below).
+    async with (
+        HubCluster(
+            tmp_path, database_url=pg_dsn, redis_url=redis_url, count=2, settings=HUB_SETTINGS
+        ) as cluster,
+        contextlib.AsyncExitStack() as disks,
+    ):
         with History(tmp_path / "history.jsonl") as history:
             edges: list[Edge] = []
             for i in range(n_edges):
@@ -886,7 +1011,10 @@ async def soak_cluster(
                 hub = cluster.hubs[i % 2]
                 token = await cluster.add_node(name, CELL)
                 proxy = await fault_proxy("127.0.0.1", hub.port, seed=rng.randrange(1 << 32))
-                db = tmp_path / f"{name}.db"
+                disk: Path | None = None
+                if "disk_full" in kinds:
+                    disk = disks.enter_context(tmpfs(tmp_path / f"{name}-disk", DISK_SIZE))
+                db = (disk or tmp_path) / f"{name}.db"
                 config = {
                     "node_id": name,
                     "region": "west",
@@ -899,7 +1027,7 @@ async def soak_cluster(
                     "tier_policies": POLICIES,
                 }
                 link = ShapedLink(proxy, PROFILES["3g"], random.Random(rng.randrange(1 << 32)))
-                edges.append(Edge(name, hub, db, config, link, env))
+                edges.append(Edge(name, hub, db, config, link, env, disk=disk))
             soak = Soak(
                 cluster=cluster,
                 edges=edges,
@@ -956,12 +1084,20 @@ def fill_summary(soak: Soak, summary: Summary, fault_s: float) -> None:
     summary.counts = {"lost": 0, "duplicated": 0, "divergent": 0, **dict(soak.violations.counts)}
     for name in VIOLATIONS:
         summary.counts.setdefault(name, 0)
+    refused = Counter(code for e in soak.edges for code in e.refused.values())
+    summary.counts["disk_full_refused"] = refused["disk_full"]
+    summary.counts["daemon_disk_full_restarts"] = sum(
+        e.daemon_restarts["disk_full"] for e in soak.edges
+    )
     leaks = soak.leaks()
     n_leaks = sum(1 for k, r in leaks.items() if k != "pg_connections" and r["leak"])
     summary.counts["leaks"] = n_leaks if MODE == "long" else 0
     converge = [c for c in soak.converge_s if c is not None]
     periods = len(soak.converge_s)
     summary.cover(soak.kinds, s.applied)
+    if "disk_full" in soak.kinds:
+        # A full disk that refused no put proved nothing about puts.
+        summary.cover(["disk_full_refused"], summary.counts)
     summary.figures.update(
         {
             "periods": periods,
@@ -971,6 +1107,9 @@ def fill_summary(soak: Soak, summary: Summary, fault_s: float) -> None:
             "faults_planned": dict(sorted(s.planned.items())),
             "faults_skipped": dict(sorted(s.skipped.items())),
             "link_variants": dict(sorted(s.variants.items())),
+            "refused_by_code": dict(refused),
+            "refused_by_edge": {e.name: len(e.refused) for e in soak.edges},
+            "daemon_restarts_by_edge": {e.name: e.daemon_restarts.total() for e in soak.edges},
             "hub_restarts": s.hub_restarts,
             "hub_self_exits": s.hub_self_exits,
             "hub_start_failures": s.hub_start_failures,
@@ -1000,9 +1139,10 @@ async def test_t17_combined_nemesis_soak(
     fault_proxy: ProxyFactory,
 ) -> None:
     """Under a seeded mix of edge kills, skewed restarts, hub kills, PostgreSQL crashes and
-    freezes, Redis outages, freezes and flushes, and link faults, every period ends
-    converged with nothing lost or duplicated, no dead letter, a clean ``hub verify`` and
-    no leak."""
+    freezes, Redis outages, freezes and flushes, link faults and full edge disks, every
+    period ends converged with nothing lost or duplicated, no dead letter, a clean ``hub
+    verify`` and no leak; no put refused for lack of space is stored anywhere."""
+    require_root("the T17 soak (a tmpfs per edge for disk_full)")
     summary = Summary("T17", "combined-nemesis soak", extra_violations=VIOLATIONS)
     async with soak_cluster(
         tmp_path=tmp_path,
