@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import msgpack
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -37,8 +38,21 @@ class Bench:
     url: str
     dsn: str
     pool: asyncpg.Pool
-    #: The hub process's pid (for its RSS).
+    #: The hub process's pid (for its RSS and CPU time).
     hub_pid: int = 0
+    #: The private PostgreSQL's postmaster pid (its backends are its children).
+    pg_pid: int = 0
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time used so far (user + system) by the hub process and by PostgreSQL (the
+        postmaster and every process it started, living now): take it before and after a
+        run to learn what each change cost each side."""
+        try:
+            backends = [p.pid for p in psutil.Process(self.pg_pid).children()]
+        except psutil.Error:
+            backends = []
+        postgres = cpu_seconds(self.pg_pid) + sum(map(cpu_seconds, backends))
+        return {"hub": cpu_seconds(self.hub_pid), "postgres": postgres}
 
 
 def _serve(settings: dict[str, Any]) -> None:
@@ -78,11 +92,20 @@ async def running_hub(**overrides: Any) -> AsyncIterator[Bench]:
                     await asyncio.sleep(0.05)
                 else:
                     raise RuntimeError("hub did not become ready")
-            yield Bench(url=url, dsn=dsn, pool=pool, hub_pid=proc.pid or 0)
+            yield Bench(url=url, dsn=dsn, pool=pool, hub_pid=proc.pid or 0, pg_pid=pg.pid or 0)
         finally:
             await pool.close()
             proc.terminate()
             proc.join(10)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` (0 once it is gone)."""
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return float(times.user + times.system)
 
 
 async def token_for(bench: Bench, node: str) -> str:

@@ -65,6 +65,11 @@ def _fill(db: str, count: int) -> None:
     conn.close()
 
 
+def _own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 class _Bar:
     """The syncer's observer: moves the progress bar on each acknowledged batch, and notes
     when each tenth of the queue was through (the rate of each tenth: does it hold up as
@@ -135,10 +140,14 @@ async def main() -> None:
                     syncer = Syncer(store, link, subscriptions=[], observer=bar)
                     await syncer.learn_config()
                     tune_gc()  # as `syncengine edge run` does once started
+                    cpu_before = bench.cpu_seconds()
+                    edge_before = _own_cpu_seconds()
                     start = time.perf_counter()
                     bar.start()
                     pushed = await syncer.push_lane(Tier.STANDARD.priority)
                     drain_s = time.perf_counter() - start
+                    cpu_after = bench.cpu_seconds()
+                    edge_cpu = _own_cpu_seconds() - edge_before
                 assert pushed == args.changes, pushed
                 assert await store.outbox.next_batch() is None
                 sent = link.bytes_sent
@@ -158,6 +167,15 @@ async def main() -> None:
         "edge_rss_before_drain_mb": round(rss_before / 1024, 1),
         "raw_copy_rows_per_s": round(copy),
         "rate_by_tenth": bar.rates(),
+        # What each change cost each process, in CPU microseconds: less noisy than the rate
+        # on a shared machine, and it says which side a change would have to get cheaper on.
+        "cpu_us_per_change": {
+            "hub": round((cpu_after["hub"] - cpu_before["hub"]) / args.changes * 1e6, 1),
+            "postgres": round(
+                (cpu_after["postgres"] - cpu_before["postgres"]) / args.changes * 1e6, 1
+            ),
+            "edge": round(edge_cpu / args.changes * 1e6, 1),
+        },
     }
     if args.json:
         print(json.dumps(result))
@@ -169,6 +187,11 @@ async def main() -> None:
     )
     print(f"  on the wire:    {result['wire_bytes_per_change']:>10} bytes/change")
     print(f"  by tenth:       {', '.join(f'{r:,}' for r in result['rate_by_tenth'])} changes/s")
+    cpu = result["cpu_us_per_change"]
+    print(
+        f"  CPU per change: hub {cpu['hub']} µs, PostgreSQL {cpu['postgres']} µs, "
+        f"edge {cpu['edge']} µs (a 2-core machine has 2,000,000 µs a second for all three)"
+    )
     print(f"  raw COPY:       {result['raw_copy_rows_per_s']:>10,} rows/s (same server, same run)")
 
 
