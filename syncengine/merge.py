@@ -449,6 +449,15 @@ def validate_key(value: object) -> str:
 def _check_value(value: Any, path: str, depth: int) -> int:
     """Check one value; return an upper bound of its msgpack size (cheap: exact sizes are
     computed only when the bound of a whole record exceeds its limit)."""
+    # The common exact types first (every field of every pushed change passes here); their
+    # subclasses and the containers go the long way below.
+    kind = type(value)
+    if kind is str and value.isascii():  # no lone surrogate in it; UTF-8 adds no bytes
+        return 5 + len(value)
+    if kind is int and _INT64_MIN <= value <= _INT64_MAX:
+        return 9
+    if kind is float and math.isfinite(value):
+        return 9
     if value is None or isinstance(value, bool | str):
         if isinstance(value, str):
             try:
@@ -520,6 +529,7 @@ def validate_fields(
             code="empty_put",
         )
     bound = 5  # an upper bound of the record's encoded size
+    aggregate = resolver in _AGGREGATES
     for name, value in fields.items():
         if not isinstance(name, str) or not 0 < len(name) <= MAX_FIELD_NAME_LENGTH:
             raise ValidationError(
@@ -527,7 +537,7 @@ def validate_fields(
                 code="invalid_field_name",
             )
         bound += 5 + 4 * len(name) + _check_value(value, name, 0)
-        if resolver in _AGGREGATES:
+        if aggregate:
             numeric = isinstance(value, int | float) and not isinstance(value, bool)
             if not numeric or (resolver == "counter" and not isinstance(value, int)):
                 kind = "integer increments" if resolver == "counter" else "numbers"
