@@ -317,8 +317,6 @@ def apply_change(
     With ``detect_conflicts``, also report every value that a concurrent write made lose
     (the hub sets it; edges leave conflict logging to the hub).
     """
-    new = state.copy() if state is not None else RecordState()
-    conflicts: list[Conflict] = []
     combine = _AGGREGATES.get(resolver)
     if combine is None and resolver not in RESOLVERS:
         raise ValidationError(
@@ -326,6 +324,17 @@ def apply_change(
             hint=f"Use one of: {', '.join(sorted(RESOLVERS))}.",
             code="unknown_resolver",
         )
+    if (
+        state is None
+        and change.fields is not None
+        and not (resolver == "hub-wins" and change.node.startswith(HUB_NODE_PREFIX))
+    ):
+        # A record's first write (most writes a hub applies, all of a new edge's backlog):
+        # under every resolver each field simply takes the incoming entry, and nothing lost.
+        hlc, node = change.hlc, change.node
+        return Applied(RecordState({n: (v, hlc, node) for n, v in change.fields.items()}), [])
+    new = state.copy() if state is not None else RecordState()
+    conflicts: list[Conflict] = []
 
     def conflict(name: str, winner: Entry, loser: Entry, winner_deleted: bool) -> None:
         conflicts.append(
