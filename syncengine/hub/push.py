@@ -440,7 +440,7 @@ class Applier:
                 acked_of[lane_key] = batch.last_seq
                 held[lane_key].update((c.seq, c.hlc) for c in todo)
                 work.append((i, todo))
-            written = await self._write(conn, group, work) if work else {}
+            epoch, written = await self._write(conn, group, work) if work else ("", {})
             if work:
                 # One row per lane: the last seq the group applied of it (none only in a
                 # build whose dedup let replays through: the lanes already hold them).
@@ -467,15 +467,15 @@ class Applier:
         crashpoints.crashpoint("hub.push.after_commit_before_response")
         for i, todo in work:
             batch = group[i].batch
-            first_id, last_id, epoch, feed_rows, conflicts = written[i]
+            wrote = written[i]
             outcomes[i] = AppliedBatch(
                 answer=_answer(
-                    batch, batch.last_seq, self.clock, applied=len(todo), conflicts=conflicts
+                    batch, batch.last_seq, self.clock, applied=len(todo), conflicts=wrote.conflicts
                 ),
-                first_id=first_id,
-                last_id=last_id,
-                tiers=frozenset(row[1] for row in feed_rows),
-                feed_rows=feed_rows,
+                first_id=wrote.first_id,
+                last_id=wrote.last_id,
+                tiers=frozenset(row[1] for row in wrote.feed_rows),
+                feed_rows=wrote.feed_rows,
                 epoch=epoch,
             )
         return outcomes
@@ -485,13 +485,13 @@ class Applier:
         conn: asyncpg.Connection,
         group: list[_Pending],
         work: list[tuple[int, list[Change]]],
-    ) -> dict[int, tuple[int, int, str, list[list[Any]], int]]:
+    ) -> tuple[str, dict[int, _Written]]:
         """Merge and write the admitted changes of the group, in ``work``'s order: feed rows
-        (contiguous ids), records, cells, conflicts. Returns per batch its first and last
-        feed id, the epoch, its feed rows and its conflict count."""
+        (contiguous ids), records, cells, conflicts. Returns the feed's epoch and what each
+        batch wrote."""
         changes = [c for _, todo in work for c in todo]
         if not changes:  # batches of skipped seqs only (dead letters): no feed rows
-            return {i: (0, 0, "", [], 0) for i, _ in work}
+            return "", {i: _Written() for i, _ in work}
         states = await _load_states(conn, {(c.cell, c.collection, c.key) for c in changes})
         touched: dict[RecordKey, RecordState] = {}
         conflicts: list[Conflict] = []
@@ -514,7 +514,7 @@ class Applier:
         )
         next_id = last_id - len(changes) + 1
         tier_of = {c.cell: self.tier_rules.tier_for(c.cell).priority for c in changes}
-        written: dict[int, tuple[int, int, str, list[list[Any]], int]] = {}
+        written: dict[int, _Written] = {}
         all_rows: list[list[Any]] = []
         record_feed_id: dict[RecordKey, int] = {}
         for i, todo in work:
@@ -538,8 +538,12 @@ class Applier:
                     ]
                 )
                 next_id += 1
-            span = (rows[0][0], rows[-1][0]) if rows else (0, 0)
-            written[i] = (*span, epoch, rows, conflicts_of[i])
+            written[i] = _Written(
+                first_id=rows[0][0] if rows else 0,
+                last_id=rows[-1][0] if rows else 0,
+                feed_rows=rows,
+                conflicts=conflicts_of[i],
+            )
             all_rows.extend(rows)
         await _append_feed(conn, all_rows)
         crashpoints.crashpoint("hub.feed.after_append_before_commit")
@@ -552,7 +556,18 @@ class Applier:
         )
         if conflicts:
             await _log_conflicts(conn, conflicts)
-        return written
+        return epoch, written
+
+
+@dataclass(frozen=True, slots=True)
+class _Written:
+    """What one batch of a group wrote: feed ids ``first_id..last_id`` (0, 0: none), their
+    rows, and how many values its changes made lose (conflicts)."""
+
+    first_id: int = 0
+    last_id: int = 0
+    feed_rows: list[list[Any]] = field(default_factory=list)
+    conflicts: int = 0
 
 
 #: Placeholder of an outcome not decided yet (every one is decided before it is read).
