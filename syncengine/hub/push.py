@@ -493,6 +493,7 @@ class Applier:
         if not changes:  # batches of skipped seqs only (dead letters): no feed rows
             return "", {i: _Written() for i, _ in work}
         states = await _load_states(conn, {(c.cell, c.collection, c.key) for c in changes})
+        held = set(states)  # the records the hub has already
         touched: dict[RecordKey, RecordState] = {}
         conflicts: list[Conflict] = []
         conflicts_of: dict[int, int] = {}
@@ -547,7 +548,7 @@ class Applier:
             all_rows.extend(rows)
         await _append_feed(conn, all_rows)
         crashpoints.crashpoint("hub.feed.after_append_before_commit")
-        await _write_records(conn, touched, record_feed_id)
+        await _write_records(conn, touched, record_feed_id, held)
         await conn.execute(
             "INSERT INTO cells (cell, tier) SELECT * FROM unnest($1::text[], $2::int2[]) "
             "ON CONFLICT (cell) DO NOTHING",
@@ -659,38 +660,49 @@ async def _write_records(
     conn: asyncpg.Connection,
     touched: dict[RecordKey, RecordState],
     feed_ids: dict[RecordKey, int],
+    held: set[RecordKey],
 ) -> None:
-    rows = []
+    """Write the ``touched`` records; ``held`` are those the hub had before this group."""
+    rows: list[tuple[Any, ...]] = []  # records the hub had
+    new: list[tuple[Any, ...]] = []
     for rk, state in touched.items():
         doc = state.document()
-        rows.append(
-            (
-                *rk,
-                pg_json(doc) if doc else None,
-                state.to_bytes(),
-                state.max_hlc,
-                not doc,
-                feed_ids[rk],
-            )
+        row = (
+            *rk,
+            pg_json(doc) if doc else None,
+            state.to_bytes(),
+            state.max_hlc,
+            not doc,
+            feed_ids[rk],
         )
-    if len(rows) >= COPY_RECORDS_FROM:
-        # Many records: COPY them into the connection's staging table, then one upsert.
-        # Binding eight arrays of thousands of elements costs asyncpg more than COPY does.
+        (rows if rk in held else new).append(row)
+    if len(rows) + len(new) < COPY_RECORDS_FROM:
+        rows += new
+        await conn.execute(
+            _UPSERT_RECORDS
+            + "FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], "
+            "$6::int8[], $7::bool[], $8::int8[]) "
+            "AS t (cell, collection, key, doc, state, hlc, deleted, feed_id)" + _ON_CONFLICT,
+            *(list(column) for column in zip(*rows, strict=True)),
+        )
+        return
+    # Many records. Binding eight arrays of thousands of elements costs asyncpg more than
+    # COPY does: records the hub had are COPYed into the connection's staging table, then
+    # upserted in one statement; new ones are COPYed straight into ``records`` (half the
+    # cost of the upsert). That cannot collide: only pushes write ``records``, always under
+    # the feed lock this group holds since it found them absent.
+    if rows:
         await conn.copy_records_to_table(STAGING_TABLE, records=rows)
         await conn.execute(_UPSERT_RECORDS + f"FROM {STAGING_TABLE}" + _ON_CONFLICT)
-        return
-    await conn.execute(
-        _UPSERT_RECORDS
-        + "FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], "
-        "$6::int8[], $7::bool[], $8::int8[]) "
-        "AS t (cell, collection, key, doc, state, hlc, deleted, feed_id)" + _ON_CONFLICT,
-        *(list(column) for column in zip(*rows, strict=True)),
-    )
+    if new:
+        await conn.copy_records_to_table("records", records=new, columns=RECORD_COLUMNS)
 
 
 #: A push stages this many records or more with COPY (fewer: one statement binding arrays,
 #: one round trip less under the feed lock).
 COPY_RECORDS_FROM: Final = 100
+#: The ``records`` columns a push writes, in the order of its rows.
+RECORD_COLUMNS: Final = ("cell", "collection", "key", "doc", "state", "hlc", "deleted", "feed_id")
 _UPSERT_RECORDS: Final = (
     "INSERT INTO records (cell, collection, key, doc, state, hlc, deleted, feed_id) "
     "SELECT cell, collection, key, doc::jsonb, state, hlc, deleted, feed_id "

@@ -243,3 +243,53 @@ async def test_critical_batches_go_in_the_next_group_before_earlier_standard_one
 
 def _fields(change: Change) -> dict[str, Any]:
     return {name: getattr(change, name) for name in Change.__dataclass_fields__}
+
+
+async def test_a_large_batch_writes_new_and_held_records_alike(hub: Any) -> None:
+    """A batch of at least ``COPY_RECORDS_FROM`` records COPYs the new ones straight into
+    ``records`` and upserts the ones the hub had: both must read back as the merge made them."""
+    nodes = await _nodes(hub, "big")
+    size = push.COPY_RECORDS_FROM
+    async with _applier(hub, []) as applier:
+        await push.apply_push(applier, nodes["big"], _batch("big", 1, size))
+        # Half rewrite records the first batch made ("k-1".."k-50" take n = 101..150),
+        # half are new: "k" keys are per seq, so reuse the first batch's key numbers.
+        second = _batch("big", size + 1, 2 * size)
+        rekeyed = [
+            Change(
+                cell=c.cell,
+                collection=c.collection,
+                key=f"k-{c.seq - size}" if c.seq <= size + size // 2 else c.key,
+                hlc=c.hlc,
+                node=c.node,
+                fields=c.fields,
+                lane=c.lane,
+                seq=c.seq,
+            )
+            for c in second.changes
+        ]
+        second = PushBatch(
+            node="big", lane=STANDARD, first_seq=size + 1, last_seq=2 * size, changes=rekeyed
+        )
+        result = await push.apply_push(applier, nodes["big"], second)
+    assert result.answer.applied == size
+    rows = await hub.hub.pool.fetch(
+        "SELECT key, doc, feed_id, deleted FROM records WHERE cell = $1", CELL
+    )
+    by_key = {r["key"]: r for r in rows}
+    assert len(by_key) == size + size // 2  # 100 from the first batch, 50 new
+    feed_of = {
+        (r["key"], r["seq"]): r["id"]
+        for r in await hub.hub.pool.fetch("SELECT id, key, seq FROM feed WHERE node_id = 'big'")
+    }
+    for n in range(1, size + 1):
+        rewritten = n <= size // 2
+        seq = n + size if rewritten else n
+        row = by_key[f"k-{n}"]
+        assert row["doc"] == f'{{"n": {seq}}}', (n, row["doc"])
+        assert row["feed_id"] == feed_of[(f"k-{n}", seq)]
+        assert row["deleted"] is False
+    for seq in range(size + size // 2 + 1, 2 * size + 1):
+        row = by_key[f"k-{seq}"]
+        assert row["doc"] == f'{{"n": {seq}}}'
+        assert row["feed_id"] == feed_of[(f"k-{seq}", seq)]
