@@ -4,6 +4,7 @@ and each batch of a group is still decided on its own (real PostgreSQL and Redis
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import Any
 
@@ -256,16 +257,7 @@ async def test_a_large_batch_writes_new_and_held_records_alike(hub: Any) -> None
         # half are new: "k" keys are per seq, so reuse the first batch's key numbers.
         second = _batch("big", size + 1, 2 * size)
         rekeyed = [
-            Change(
-                cell=c.cell,
-                collection=c.collection,
-                key=f"k-{c.seq - size}" if c.seq <= size + size // 2 else c.key,
-                hlc=c.hlc,
-                node=c.node,
-                fields=c.fields,
-                lane=c.lane,
-                seq=c.seq,
-            )
+            dataclasses.replace(c, key=f"k-{c.seq - size}") if c.seq <= size + size // 2 else c
             for c in second.changes
         ]
         second = PushBatch(
