@@ -76,6 +76,14 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.execute(_CREATE_STAGING)
 
 
+async def _after_release(conn: asyncpg.Connection) -> None:
+    """Nothing: a released connection keeps its session as it is (asyncpg still rolls back
+    a transaction left open). asyncpg's default sends ``pg_advisory_unlock_all(); CLOSE ALL;
+    UNLISTEN *; RESET ALL`` on every release, a round trip for each token look-up and pull.
+    The hub sets no session state but in feed maintenance, which undoes its own (``RESET
+    lock_timeout``, ``pg_advisory_unlock``); code that sets any must do the same."""
+
+
 async def connect_pool(
     dsn: str,
     *,
@@ -102,6 +110,7 @@ async def connect_pool(
             timeout=_CONNECT_TIMEOUT_S,
             command_timeout=command_timeout,
             init=_init_connection,
+            reset=_after_release,
             # Reconnected pools must not reuse prepared statements of a restarted server.
             max_inactive_connection_lifetime=60.0,
         )
