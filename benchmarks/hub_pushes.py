@@ -1,6 +1,7 @@
 """Many edges' small pushes against one hub: what the hub alone sustains.
 
-    .venv/bin/python benchmarks/hub_pushes.py [--pushers N] [--batch B] [--seconds S] [--json]
+    .venv/bin/python benchmarks/hub_pushes.py [--pushers N] [--batch B] [--seconds S]
+        [--token-cache-s T] [--json]
 
 N nodes (default 200) each push batches of B changes (default 5: a clinic's few writes of a
 moment) one after another, each as soon as the last was answered, for S seconds (default
@@ -55,11 +56,14 @@ async def main() -> None:
     parser.add_argument("--pushers", type=int, default=200)
     parser.add_argument("--batch", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument(
+        "--token-cache-s", type=int, default=0, help="the hub's token_cache_s (default 0: off)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     # Enough batches for each pusher to push every 20 ms for the whole run.
     per_pusher = int(args.seconds / 0.02) + 1
-    async with running_hub() as bench:
+    async with running_hub(token_cache_s=args.token_cache_s) as bench:
         tokens = [await token_for(bench, f"p{i:04d}") for i in range(args.pushers)]
         bodies = [_bodies(f"p{i:04d}", per_pusher, args.batch) for i in range(args.pushers)]
         latencies: list[float] = []
@@ -92,6 +96,7 @@ async def main() -> None:
     cuts = statistics.quantiles(latencies, n=100, method="inclusive")
     result = {
         "pushers": args.pushers,
+        "token_cache_s": args.token_cache_s,
         "batch": args.batch,
         "pushes_per_s": round(len(latencies) / elapsed),
         "changes_per_s": round(applied / elapsed),

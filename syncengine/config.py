@@ -71,6 +71,8 @@ DEFAULT_MAX_BATCH_CHANGES: Final = 1_000
 DEFAULT_LISTEN: Final = "127.0.0.1:8400"
 #: Days the hub keeps its change feed (see syncengine/hub/retention.py).
 DEFAULT_FEED_RETENTION_DAYS: Final = 30
+#: The longest ``token_cache_s``: a revoked token is refused within five minutes at worst.
+MAX_TOKEN_CACHE_S: Final = 300
 
 _NODE_ID: Final = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}\Z")
 _MASK: Final = "***"
@@ -106,6 +108,7 @@ _HUB_SCALARS: Final[Mapping[str, type]] = {
     "max_batch_changes": int,
     "max_record_bytes": int,
     "feed_retention_days": int,
+    "token_cache_s": int,
 }
 _HUB_KEYS: Final = frozenset(_HUB_SCALARS) | {"tier_rules", "tier_policies", "resolvers"}
 # Conventional names (Heroku, compose, most PaaS) honoured for the hub's stores.
@@ -371,6 +374,10 @@ class HubConfig:
     #: Feed entries older than this many days, once every node still syncing has pulled
     #: them, are dropped; a node away longer re-bootstraps from a snapshot.
     feed_retention_days: int = DEFAULT_FEED_RETENTION_DAYS
+    #: Seconds a hub process trusts a token it looked up (0: every request looks it up in
+    #: PostgreSQL). A revoked token or narrowed grants take this long to apply to each
+    #: process; in exchange most requests of a large fleet skip a database round trip.
+    token_cache_s: int = 0
     tier_policies: Mapping[Tier, TierPolicy] = dataclasses.field(
         default_factory=_default_policies_copy
     )
@@ -398,6 +405,7 @@ class HubConfig:
             "max_batch_changes": self.max_batch_changes,
             "max_record_bytes": self.max_record_bytes,
             "feed_retention_days": self.feed_retention_days,
+            "token_cache_s": self.token_cache_s,
             "source": self.source,
         }
 
@@ -444,6 +452,7 @@ class HubConfig:
             feed_retention_days=table.get_int(
                 "feed_retention_days", DEFAULT_FEED_RETENTION_DAYS, minimum=1
             ),
+            token_cache_s=table.get_int("token_cache_s", 0, minimum=0, maximum=MAX_TOKEN_CACHE_S),
             tier_policies=_policies(table, policy_overrides),
             source=source,
         )

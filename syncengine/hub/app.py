@@ -94,6 +94,7 @@ class Hub:
         self.limits = Limits(max_body_bytes=config.max_body_bytes)
         self.metrics = HubMetrics()
         self.activity = NodeActivity(pool)
+        self.tokens = nodes.TokenCache(config.token_cache_s)
         # Pushes apply in groups, one transaction each (group commit).
         self.pushes = push.Applier(
             pool,
@@ -268,7 +269,7 @@ class Hub:
     async def _node(self, request: web.Request) -> nodes.Node:
         auth = request.headers.get("Authorization", "")
         token = auth[7:].strip() if auth.lower().startswith("bearer ") else None
-        node = await nodes.authenticate(self.pool, token)
+        node = await nodes.authenticate(self.pool, token, self.tokens)
         request[_NODE_ID] = node.node_id  # for the activity record of an error
         return node
 

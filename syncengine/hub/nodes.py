@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -118,16 +119,51 @@ async def revoke_node(pool: asyncpg.Pool, node_id: str) -> None:
         raise ConfigError(f"no node {node_id!r} is registered", code="unknown_node")
 
 
-async def authenticate(pool: asyncpg.Pool, token: str | None) -> Node:
-    """The node a bearer token belongs to. Raises :class:`AuthenticationError` (401)."""
+class TokenCache:
+    """The nodes of tokens looked up lately, each trusted for ``ttl_s`` seconds after its
+    look-up (``token_cache_s``): a large fleet's requests skip a database round trip each,
+    and a revoked token or narrowed grants apply to this process that much later. Only
+    tokens that authenticated are kept; unknown and revoked ones are looked up every time.
+    Holds at most ``max_entries`` (a fleet's nodes), emptied when full."""
+
+    def __init__(self, ttl_s: float, *, max_entries: int = 100_000) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._nodes: dict[bytes, tuple[float, Node]] = {}
+
+    def get(self, token_hash: bytes) -> Node | None:
+        found = self._nodes.get(token_hash)
+        if found is None:
+            return None
+        if time.monotonic() >= found[0]:
+            del self._nodes[token_hash]
+            return None
+        return found[1]
+
+    def put(self, token_hash: bytes, node: Node) -> None:
+        if self.ttl_s <= 0:
+            return
+        if len(self._nodes) >= self.max_entries:
+            self._nodes.clear()
+        self._nodes[token_hash] = (time.monotonic() + self.ttl_s, node)
+
+
+async def authenticate(
+    pool: asyncpg.Pool, token: str | None, cache: TokenCache | None = None
+) -> Node:
+    """The node a bearer token belongs to (from ``cache`` while it trusts the token).
+    Raises :class:`AuthenticationError` (401)."""
     if not token:
         raise AuthenticationError(
             "missing bearer token", hint="Send `Authorization: Bearer <token>`."
         )
+    token_hash = _hash(token)
+    if cache is not None and (node := cache.get(token_hash)) is not None:
+        return node
     async with translated("authenticate"):
         row = await pool.fetchrow(
             "SELECT node_id, region, grants, last_seen, revoked_at FROM nodes WHERE token_hash = $1",
-            _hash(token),
+            token_hash,
         )
     if row is None:
         raise AuthenticationError("unknown token", code="invalid_token")
@@ -137,12 +173,15 @@ async def authenticate(pool: asyncpg.Pool, token: str | None) -> Node:
             hint="Ask the hub operator for a new token (`syncengine hub rotate-token`).",
             code="revoked_token",
         )
-    return Node(
+    node = Node(
         node_id=row["node_id"],
         region=row["region"],
         grants=tuple(row["grants"]),
         last_seen=row["last_seen"],
     )
+    if cache is not None:
+        cache.put(token_hash, node)
+    return node
 
 
 async def list_nodes(pool: asyncpg.Pool) -> list[Node]:

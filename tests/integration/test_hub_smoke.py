@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import aiohttp
 import pytest
 
 from syncengine.codec import decode, encode
+from syncengine.hub.nodes import revoke_node
 from syncengine.hub.push import COPY_RECORDS_FROM
 from syncengine.merge import Change
 from syncengine.protocol import PushBatch, decode_pull_page, decode_push_answer, encode_push
@@ -90,3 +92,30 @@ async def test_large_and_small_pushes_write_the_same_records(hub) -> None:  # ty
     assert rows["k1"] == (None, True, 4 + large)  # deleted by the small path
     assert rows["k2"] == (None, True, 5 + large)
     assert await hub.hub.pool.fetchval("SELECT count(*) FROM feed") == 5 + large
+
+
+async def test_a_revoked_token_is_refused_at_once_or_after_token_cache_s(  # type: ignore[no-untyped-def]
+    hub_factory,
+) -> None:
+    """Without ``token_cache_s`` a revoked token is refused on its next request; with it,
+    each hub process trusts a token it looked up for that long, then looks it up again."""
+    cached = await hub_factory(token_cache_s=1)
+    uncached = await hub_factory()
+    token = await cached.add_node("revokee")
+
+    async def status(hub) -> int:  # type: ignore[no-untyped-def]
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{hub.url}/v1/config", headers={"Authorization": f"Bearer {token}"}) as resp,
+        ):
+            return resp.status
+
+    assert await status(cached) == 200 and await status(uncached) == 200
+    await revoke_node(cached.hub.pool, "revokee")
+    assert await status(uncached) == 401
+    assert await status(cached) == 200  # looked up less than a second ago: still trusted
+    started = time.monotonic()
+    while await status(cached) == 200:
+        assert time.monotonic() - started < 1.5, "the cached token outlived token_cache_s"
+        await asyncio.sleep(0.05)
+    assert await status(uncached) == 401 and await status(cached) == 401

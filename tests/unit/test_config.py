@@ -92,6 +92,16 @@ def test_hub_config_loads(tmp_path: Path) -> None:
     assert config.tier_rules.tier_for("west/ng/lagos/clinic-12/alerts") is Tier.CRITICAL
 
 
+def test_hub_token_cache_is_off_unless_set_and_bounded(tmp_path: Path) -> None:
+    minimal = 'region = "east"\ndatabase_url = "postgresql:///east"\n'
+    assert _hub(tmp_path, minimal).token_cache_s == 0
+    assert _hub(tmp_path, minimal + "token_cache_s = 30\n").token_cache_s == 30
+    with pytest.raises(ConfigError, match=r"token_cache_s.*at most 300"):
+        _hub(tmp_path, minimal + "token_cache_s = 3600\n")
+    with pytest.raises(ConfigError, match=r"token_cache_s.*at least 0"):
+        _hub(tmp_path, minimal + "token_cache_s = -1\n")
+
+
 def test_minimal_configs_take_defaults(tmp_path: Path) -> None:
     edge = _edge(tmp_path, 'node_id = "n1"\nregion = "east"\ndb = "edge.db"\n')
     assert edge.hub_url is None and edge.token is None and edge.token_file is None
