@@ -28,6 +28,8 @@ CELL = "west/ng/lagos/clinic-12"
 #: (cell, collection) the writer cycles through: critical, important, standard.
 CELLS = ((f"{CELL}/alerts", "alarms"), (f"{CELL}/stock", "items"), (CELL, "visits"))
 CONCURRENCY = 4
+#: The broken build's pause between acknowledging a group and committing it.
+ACK_SEEN_S = 0.01
 
 
 def _break_ack_before_commit() -> None:
@@ -37,6 +39,11 @@ def _break_ack_before_commit() -> None:
         for w in group:
             if not w.future.done():
                 w.future.set_result(0)
+        # Let the writers see their acks (and print them) before the commit begins: the
+        # crash point then always falls after an acknowledgement. Without this pause the
+        # commit's thread often reached it first, the printing lost the race, and a run
+        # could end with nothing lost to show (T17's control, seed 171919223).
+        await asyncio.sleep(ACK_SEEN_S)
         await commit_group(self, group)
 
     EdgeStore._commit_group = early  # type: ignore[method-assign]
