@@ -17,6 +17,7 @@ import asyncio
 import itertools
 import json
 import multiprocessing
+import os
 import resource
 import sqlite3
 import sys
@@ -24,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _harness import make_changes, raw_copy_rate, running_hub, token_for
+from _harness import cpu_seconds, make_changes, raw_copy_rate, running_hub, token_for
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
@@ -63,11 +64,6 @@ def _fill(db: str, count: int) -> None:
     with conn:
         conn.execute("UPDATE lanes SET next_seq = ? WHERE lane = 2", (count + 1,))
     conn.close()
-
-
-def _own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 class _Bar:
@@ -141,13 +137,13 @@ async def main() -> None:
                     await syncer.learn_config()
                     tune_gc()  # as `syncengine edge run` does once started
                     cpu_before = bench.cpu_seconds()
-                    edge_before = _own_cpu_seconds()
+                    edge_before = cpu_seconds(os.getpid())
                     start = time.perf_counter()
                     bar.start()
                     pushed = await syncer.push_lane(Tier.STANDARD.priority)
                     drain_s = time.perf_counter() - start
                     cpu_after = bench.cpu_seconds()
-                    edge_cpu = _own_cpu_seconds() - edge_before
+                    edge_cpu = cpu_seconds(os.getpid()) - edge_before
                 assert pushed == args.changes, pushed
                 assert await store.outbox.next_batch() is None
                 sent = link.bytes_sent

@@ -94,7 +94,8 @@ class Hub:
         self.limits = Limits(max_body_bytes=config.max_body_bytes)
         self.metrics = HubMetrics()
         self.activity = NodeActivity(pool)
-        self.tokens = nodes.TokenCache(config.token_cache_s)
+        # None with token_cache_s = 0: every request looks its token up.
+        self.tokens = nodes.TokenCache(config.token_cache_s) if config.token_cache_s else None
         # Pushes apply in groups, one transaction each (group commit).
         self.pushes = push.Applier(
             pool,

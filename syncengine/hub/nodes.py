@@ -141,8 +141,6 @@ class TokenCache:
         return found[1]
 
     def put(self, token_hash: bytes, node: Node) -> None:
-        if self.ttl_s <= 0:
-            return
         if len(self._nodes) >= self.max_entries:
             self._nodes.clear()
         self._nodes[token_hash] = (time.monotonic() + self.ttl_s, node)

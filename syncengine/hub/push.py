@@ -539,12 +539,7 @@ class Applier:
                     ]
                 )
                 next_id += 1
-            written[i] = _Written(
-                first_id=rows[0][0] if rows else 0,
-                last_id=rows[-1][0] if rows else 0,
-                feed_rows=rows,
-                conflicts=conflicts_of[i],
-            )
+            written[i] = _Written(feed_rows=rows, conflicts=conflicts_of[i])
             all_rows.extend(rows)
         await _append_feed(conn, all_rows)
         crashpoints.crashpoint("hub.feed.after_append_before_commit")
@@ -562,13 +557,20 @@ class Applier:
 
 @dataclass(frozen=True, slots=True)
 class _Written:
-    """What one batch of a group wrote: feed ids ``first_id..last_id`` (0, 0: none), their
-    rows, and how many values its changes made lose (conflicts)."""
+    """What one batch of a group wrote: its feed rows (contiguous ids) and how many values
+    its changes made lose (conflicts)."""
 
-    first_id: int = 0
-    last_id: int = 0
     feed_rows: list[list[Any]] = field(default_factory=list)
     conflicts: int = 0
+
+    @property
+    def first_id(self) -> int:
+        """The first feed id written (0: none)."""
+        return self.feed_rows[0][0] if self.feed_rows else 0
+
+    @property
+    def last_id(self) -> int:
+        return self.feed_rows[-1][0] if self.feed_rows else 0
 
 
 #: Placeholder of an outcome not decided yet (every one is decided before it is read).
@@ -663,8 +665,8 @@ async def _write_records(
     held: set[RecordKey],
 ) -> None:
     """Write the ``touched`` records; ``held`` are those the hub had before this group."""
-    rows: list[tuple[Any, ...]] = []  # records the hub had
-    new: list[tuple[Any, ...]] = []
+    held_rows: list[tuple[Any, ...]] = []
+    new_rows: list[tuple[Any, ...]] = []
     for rk, state in touched.items():
         doc = state.document()
         row = (
@@ -675,9 +677,9 @@ async def _write_records(
             not doc,
             feed_ids[rk],
         )
-        (rows if rk in held else new).append(row)
-    if len(rows) + len(new) < COPY_RECORDS_FROM:
-        rows += new
+        (held_rows if rk in held else new_rows).append(row)
+    if len(held_rows) + len(new_rows) < COPY_RECORDS_FROM:
+        rows = held_rows + new_rows
         await conn.execute(
             _UPSERT_RECORDS
             + "FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], "
@@ -691,11 +693,11 @@ async def _write_records(
     # upserted in one statement; new ones are COPYed straight into ``records`` (half the
     # cost of the upsert). That cannot collide: only pushes write ``records``, always under
     # the feed lock this group holds since it found them absent.
-    if rows:
-        await conn.copy_records_to_table(STAGING_TABLE, records=rows)
+    if held_rows:
+        await conn.copy_records_to_table(STAGING_TABLE, records=held_rows)
         await conn.execute(_UPSERT_RECORDS + f"FROM {STAGING_TABLE}" + _ON_CONFLICT)
-    if new:
-        await conn.copy_records_to_table("records", records=new, columns=RECORD_COLUMNS)
+    if new_rows:
+        await conn.copy_records_to_table("records", records=new_rows, columns=RECORD_COLUMNS)
 
 
 #: A push stages this many records or more with COPY (fewer: one statement binding arrays,
@@ -704,7 +706,7 @@ COPY_RECORDS_FROM: Final = 100
 #: The ``records`` columns a push writes, in the order of its rows.
 RECORD_COLUMNS: Final = ("cell", "collection", "key", "doc", "state", "hlc", "deleted", "feed_id")
 _UPSERT_RECORDS: Final = (
-    "INSERT INTO records (cell, collection, key, doc, state, hlc, deleted, feed_id) "
+    f"INSERT INTO records ({', '.join(RECORD_COLUMNS)}) "
     "SELECT cell, collection, key, doc::jsonb, state, hlc, deleted, feed_id "
 )
 _ON_CONFLICT: Final = (
