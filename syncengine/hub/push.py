@@ -48,6 +48,7 @@ from syncengine.hub.db import STAGING_TABLE, pg_json, translated
 from syncengine.hub.nodes import Node, check_writable
 from syncengine.merge import (
     DEFAULT_RESOLVER,
+    Applied,
     Change,
     Conflict,
     RecordState,
@@ -197,10 +198,11 @@ async def apply_push(applier: Applier, node: Node, batch: PushBatch) -> AppliedB
     order), then is refused (409 ``seq_gap``)."""
     lane_key = (node.node_id, batch.lane)
     deadline = time.monotonic() + GAP_WAIT_S
+    ready = await applier.prepare(node, batch)
     while True:
         advanced = _advanced.setdefault(lane_key, asyncio.Event())
         try:
-            applied = await applier.apply(node, batch)
+            applied = await applier.apply(node, batch, ready)
         except _Gap as gap:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -231,10 +233,39 @@ MAX_GROUP_CHANGES: Final = 2_000
 CLOSE_TIMEOUT_S: Final = 10.0
 
 
+#: :meth:`Applier.prepare` yields to the event loop after this many changes, so that the
+#: applier, whose PostgreSQL step may have finished meanwhile, waits for no long stretch.
+PREPARE_SLICE: Final = 256
+
+
+@dataclass(frozen=True, slots=True)
+class _FirstWrite:
+    """What a change makes of a record the hub does not hold yet: the merge's result and
+    the record's row values (:func:`_record_values`)."""
+
+    applied: Applied
+    values: tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Ready:
+    """What :meth:`Applier.prepare` worked out for a batch before its group takes the feed
+    lock, per change in the batch's order: the feed row after its id, and, for a change
+    whose writer saw no earlier version of the record (no ``base``: most likely a new
+    record), its :class:`_FirstWrite`. The group uses that when the record is indeed absent,
+    and merges as always otherwise; either way the result is the same."""
+
+    feed: list[tuple[Any, ...]]
+    first: list[_FirstWrite | None]
+    #: The tier priority of each cell the batch writes.
+    tiers: dict[str, int]
+
+
 @dataclass(slots=True)
 class _Pending:
     node: Node
     batch: PushBatch
+    ready: _Ready
     future: asyncio.Future[AppliedBatch]
 
 
@@ -278,16 +309,55 @@ class Applier:
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
 
-    async def apply(self, node: Node, batch: PushBatch) -> AppliedBatch:
-        """Apply ``batch`` in the next group: one attempt (raises :class:`_Gap` for
-        :func:`apply_push` to wait on). A caller cancelled once its group began does not stop
-        it: the batch commits or not with the group, and a retry is answered as a replay."""
+    async def prepare(self, node: Node, batch: PushBatch) -> _Ready:
+        """Work out what does not depend on the hub's state for ``batch``'s changes (their
+        feed rows, and the first version of records they most likely create), before its
+        group holds the feed lock: the work overlaps the group in flight, whose transaction
+        is what every push of the region waits on."""
+        cells = {c.cell for c in batch.changes}
+        tiers = {cell: self.tier_rules.tier_for(cell).priority for cell in cells}
+        feed: list[tuple[Any, ...]] = []
+        first: list[_FirstWrite | None] = []
+        for n, c in enumerate(batch.changes, 1):
+            feed.append(
+                (
+                    tiers[c.cell],
+                    c.cell,
+                    c.collection,
+                    c.key,
+                    node.node_id,
+                    batch.lane,
+                    c.seq,
+                    c.hlc,
+                    None if c.fields is None else encode(c.fields),
+                    encode(dict(c.base)) if c.base else None,
+                )
+            )
+            if c.base:
+                first.append(None)
+            else:
+                applied = apply_change(
+                    None,
+                    c,
+                    self.resolvers.get(c.collection, DEFAULT_RESOLVER),
+                    detect_conflicts=True,
+                )
+                first.append(_FirstWrite(applied, _record_values(applied.state)))
+            if n % PREPARE_SLICE == 0:
+                await asyncio.sleep(0)
+        return _Ready(feed, first, tiers)
+
+    async def apply(self, node: Node, batch: PushBatch, ready: _Ready) -> AppliedBatch:
+        """Apply ``batch`` (with what :meth:`prepare` made of it) in the next group: one
+        attempt (raises :class:`_Gap` for :func:`apply_push` to wait on). A caller cancelled
+        once its group began does not stop it: the batch commits or not with the group, and
+        a retry is answered as a replay."""
         if self._closed:
             raise HubUnavailableError(
                 "the hub is shutting down", hint="Retry against another hub or later."
             )
         future: asyncio.Future[AppliedBatch] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(node, batch, future))
+        self._queue.append(_Pending(node, batch, ready, future))
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._run(), name="push groups")
         return await future
@@ -495,18 +565,25 @@ class Applier:
         states = await _load_states(conn, {(c.cell, c.collection, c.key) for c in changes})
         held = set(states)  # the records the hub has already
         touched: dict[RecordKey, RecordState] = {}
+        firsts: dict[RecordKey, _FirstWrite] = {}  # records a prepared first write created
         conflicts: list[Conflict] = []
         conflicts_of: dict[int, int] = {}
         for i, todo in work:
             before = len(conflicts)
-            for c in todo:
+            guesses = group[i].ready.first
+            for c, first in zip(todo, guesses[len(guesses) - len(todo) :], strict=True):
                 rk = (c.cell, c.collection, c.key)
-                result = apply_change(
-                    states.get(rk),
-                    c,
-                    self.resolvers.get(c.collection, DEFAULT_RESOLVER),
-                    detect_conflicts=True,
-                )
+                state = states.get(rk)
+                if state is None and first is not None:  # absent, as prepare() guessed
+                    result = first.applied
+                    firsts[rk] = first
+                else:
+                    result = apply_change(
+                        state,
+                        c,
+                        self.resolvers.get(c.collection, DEFAULT_RESOLVER),
+                        detect_conflicts=True,
+                    )
                 states[rk] = touched[rk] = result.state
                 conflicts.extend(result.conflicts)
             conflicts_of[i] = len(conflicts) - before
@@ -514,36 +591,26 @@ class Applier:
             "UPDATE feed_head SET id = id + $1 RETURNING id, epoch", len(changes)
         )
         next_id = last_id - len(changes) + 1
-        tier_of = {c.cell: self.tier_rules.tier_for(c.cell).priority for c in changes}
+        tier_of: dict[str, int] = {}
         written: dict[int, _Written] = {}
         all_rows: list[list[Any]] = []
         record_feed_id: dict[RecordKey, int] = {}
         for i, todo in work:
-            node, batch = group[i].node, group[i].batch
+            ready = group[i].ready
+            tier_of.update(ready.tiers)
             rows = []
-            for c in todo:
+            for c, feed in zip(todo, ready.feed[len(ready.feed) - len(todo) :], strict=True):
                 record_feed_id[(c.cell, c.collection, c.key)] = next_id  # the latest wins
-                rows.append(
-                    [
-                        next_id,
-                        tier_of[c.cell],
-                        c.cell,
-                        c.collection,
-                        c.key,
-                        node.node_id,
-                        batch.lane,
-                        c.seq,
-                        c.hlc,
-                        None if c.fields is None else encode(c.fields),
-                        encode(dict(c.base)) if c.base else None,
-                    ]
-                )
+                rows.append([next_id, *feed])
                 next_id += 1
             written[i] = _Written(feed_rows=rows, conflicts=conflicts_of[i])
             all_rows.extend(rows)
         await _append_feed(conn, all_rows)
         crashpoints.crashpoint("hub.feed.after_append_before_commit")
-        await _write_records(conn, touched, record_feed_id, held)
+        # A record a first write created keeps the row values prepare() made of it, unless
+        # a later change of the group merged into it.
+        values = {rk: f.values for rk, f in firsts.items() if touched[rk] is f.applied.state}
+        await _write_records(conn, touched, record_feed_id, held, values)
         await conn.execute(
             "INSERT INTO cells (cell, tier) SELECT * FROM unnest($1::text[], $2::int2[]) "
             "ON CONFLICT (cell) DO NOTHING",
@@ -658,25 +725,26 @@ async def _load_states(
     }
 
 
+def _record_values(state: RecordState) -> tuple[Any, ...]:
+    """A record's ``doc``, ``state``, ``hlc`` and ``deleted`` columns."""
+    doc = state.document()
+    return (pg_json(doc) if doc else None, state.to_bytes(), state.max_hlc, not doc)
+
+
 async def _write_records(
     conn: asyncpg.Connection,
     touched: dict[RecordKey, RecordState],
     feed_ids: dict[RecordKey, int],
     held: set[RecordKey],
+    values: dict[RecordKey, tuple[Any, ...]],
 ) -> None:
-    """Write the ``touched`` records; ``held`` are those the hub had before this group."""
+    """Write the ``touched`` records; ``held`` are those the hub had before this group,
+    ``values`` the row values already made of some (:func:`_record_values`)."""
     held_rows: list[tuple[Any, ...]] = []
     new_rows: list[tuple[Any, ...]] = []
     for rk, state in touched.items():
-        doc = state.document()
-        row = (
-            *rk,
-            pg_json(doc) if doc else None,
-            state.to_bytes(),
-            state.max_hlc,
-            not doc,
-            feed_ids[rk],
-        )
+        made = values.get(rk)
+        row = (*rk, *(made or _record_values(state)), feed_ids[rk])
         (held_rows if rk in held else new_rows).append(row)
     if len(held_rows) + len(new_rows) < COPY_RECORDS_FROM:
         rows = held_rows + new_rows

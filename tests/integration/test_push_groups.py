@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 from syncengine.errors import ForbiddenError, HubUnavailableError, SequenceError
 from syncengine.hub import push
 from syncengine.hub.nodes import Node, authenticate
-from syncengine.merge import Change
+from syncengine.merge import DEFAULT_RESOLVER, Change, RecordState, apply_change
 from syncengine.protocol import PushBatch
 
 CELL = "west/ng/lagos/clinic-12/visits"
@@ -285,3 +286,73 @@ async def test_a_large_batch_writes_new_and_held_records_alike(hub: Any) -> None
         row = by_key[f"k-{seq}"]
         assert row["doc"] == f'{{"n": {seq}}}'
         assert row["feed_id"] == feed_of[(f"k-{seq}", seq)]
+
+
+async def test_a_group_writes_records_as_its_changes_merged_one_by_one(hub: Any) -> None:
+    """The applier takes what ``prepare`` made of a change with no ``base`` (most likely a
+    new record) only when the record is absent; a record that exists, or that an earlier
+    change of the same group created, is merged as always. Every record must read back as
+    folding the feed's changes one by one makes it, and the conflicts log must hold as many
+    rows as that fold finds."""
+    nodes = await _nodes(hub, "a", "b")
+    now = (time.time_ns() // 1_000_000) << 16
+
+    def change(node: str, seq: int, key: str, fields: dict[str, Any] | None, **kw: Any) -> Change:
+        return Change(
+            cell=CELL,
+            collection="visits",
+            key=key,
+            hlc=now + seq * 10 + (node == "b"),
+            node=node,
+            fields=fields,
+            lane=STANDARD,
+            seq=seq,
+            **kw,
+        )
+
+    def batch(node: str, changes: list[Change]) -> PushBatch:
+        first, last = changes[0].seq, changes[-1].seq
+        return PushBatch(node=node, lane=STANDARD, first_seq=first, last_seq=last, changes=changes)
+
+    held = batch("a", [change("a", 1, "held", {"v": "a1", "w": 1})])
+    in_group = {
+        "a": batch(
+            "a",
+            [
+                change("a", 2, "both", {"v": "a"}),  # created here: the prepared guess
+                change("a", 3, "held", {"v": "a2"}),  # no base, but the hub holds it
+                change("a", 4, "gone", None),  # a delete of a record never seen
+            ],
+        ),
+        "b": batch(
+            "b",
+            [
+                change("b", 1, "both", {"v": "b", "x": 1}),  # after a's, same group: merged
+                change("b", 2, "seen", {"v": "b"}, base={"v": (now, "c")}),  # no guess
+            ],
+        ),
+    }
+    groups: list[int] = []
+    async with _applier(hub, groups) as applier:
+        await push.apply_push(applier, nodes["a"], held)
+        await asyncio.gather(*(push.apply_push(applier, nodes[n], b) for n, b in in_group.items()))
+    assert groups == [1, 2]
+    by_seq = {(c.node, c.seq): c for b in (held, *in_group.values()) for c in b.changes}
+    feed = await hub.hub.pool.fetch("SELECT node_id, seq FROM feed ORDER BY id")
+    expected: dict[str, RecordState] = {}
+    conflicts = 0
+    for row in feed:
+        c = by_seq[(row["node_id"], row["seq"])]
+        resolver = hub.hub.resolvers.get(c.collection, DEFAULT_RESOLVER)
+        result = apply_change(expected.get(c.key), c, resolver, detect_conflicts=True)
+        expected[c.key] = result.state
+        conflicts += len(result.conflicts)
+    rows = await hub.hub.pool.fetch("SELECT key, doc, state, hlc, deleted FROM records")
+    assert sorted(r["key"] for r in rows) == sorted(expected)
+    for r in rows:
+        want = expected[r["key"]]
+        assert r["state"] == want.to_bytes(), r["key"]
+        assert (json.loads(r["doc"]) if r["doc"] else {}) == want.document(), r["key"]
+        assert (r["hlc"], r["deleted"]) == (want.max_hlc, not want.document()), r["key"]
+    assert conflicts > 0  # "held" and "both" each lose a value
+    assert await hub.hub.pool.fetchval("SELECT count(*) FROM conflicts") == conflicts
