@@ -283,7 +283,8 @@ class Applier:
     value PostgreSQL refuses) is applied again batch by batch, so only the batch at fault
     fails. ``after_commit`` runs after each commit, with the batches that wrote feed rows in
     feed order, before their pushers are answered (the hub caches the rows and sends the
-    wake-ups).
+    wake-ups); the next group does not wait for it, and the next ``after_commit`` waits for
+    this one.
     """
 
     def __init__(
@@ -307,6 +308,8 @@ class Applier:
         self._queue: list[_Pending] = []
         self._current: list[_Pending] = []  # the group being applied
         self._worker: asyncio.Task[None] | None = None
+        #: Announcing the last group committed, then answering its pushers.
+        self._answering: asyncio.Task[None] | None = None
         self._closed = False
 
     async def prepare(self, node: Node, batch: PushBatch) -> _Ready:
@@ -369,16 +372,21 @@ class Applier:
         await self.close()
 
     async def close(self) -> None:
-        """Refuse new batches, let the group in flight commit (bounded), fail the rest."""
+        """Refuse new batches, let the group in flight commit and be answered (bounded), fail
+        the rest."""
         self._closed = True
-        worker = self._worker
-        if worker is None or worker.done():
+        await self._finish(self._worker)
+        await self._finish(self._answering)  # the worker may have started it meanwhile
+
+    @staticmethod
+    async def _finish(task: asyncio.Task[None] | None) -> None:
+        if task is None or task.done():
             return
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                await asyncio.shield(worker)
+                await asyncio.shield(task)
         except TimeoutError:
-            await tasks.stop(worker)
+            await tasks.stop(task)
 
     def _take(self) -> list[_Pending]:
         """The next group: waiting batches by lane priority, then arrival."""
@@ -452,22 +460,47 @@ class Applier:
 
     async def _commit(self, conn: asyncpg.Connection, group: list[_Pending]) -> None:
         outcomes = await self._apply_group(conn, group)
-        # In feed order: a lane's batches may have applied in another order than queued,
-        # and the cache keeps the group's rows as one run of ascending ids.
-        applied = sorted(
-            (o for o in outcomes if isinstance(o, AppliedBatch) and o.feed_rows),
-            key=lambda o: o.first_id,
+        # The next group need not wait for this one's announcement (Redis round trips):
+        # that goes on beside it, after the previous group's, and then answers the pushers.
+        self._answering = asyncio.create_task(
+            self._answer(group, outcomes, self._answering), name="push answers"
         )
-        if applied and self.after_commit is not None:
-            crashpoints.crashpoint("hub.cache.after_pg_commit_before_redis_set")
-            await self.after_commit(applied)
-        for p, outcome in zip(group, outcomes, strict=True):
-            if p.future.done():
-                continue
-            if isinstance(outcome, BaseException):
-                p.future.set_exception(outcome)
-            else:
-                p.future.set_result(outcome)
+
+    async def _answer(
+        self,
+        group: list[_Pending],
+        outcomes: list[AppliedBatch | Exception],
+        previous: asyncio.Task[None] | None,
+    ) -> None:
+        """Announce a committed group (after the group before it), then answer its pushers,
+        whatever became of the announcement: what they pushed is committed."""
+        try:
+            if previous is not None:
+                await asyncio.wait([previous])
+            # In feed order: a lane's batches may have applied in another order than queued,
+            # and the cache keeps the group's rows as one run of ascending ids.
+            applied = sorted(
+                (o for o in outcomes if isinstance(o, AppliedBatch) and o.feed_rows),
+                key=lambda o: o.first_id,
+            )
+            if applied and self.after_commit is not None:
+                crashpoints.crashpoint("hub.cache.after_pg_commit_before_redis_set")
+                try:
+                    await self.after_commit(applied)
+                except Exception:
+                    log.exception(
+                        "announcing feed ids %d..%d failed; pullers read them from PostgreSQL",
+                        applied[0].first_id,
+                        applied[-1].last_id,
+                    )
+        finally:
+            for p, outcome in zip(group, outcomes, strict=True):
+                if p.future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    p.future.set_exception(outcome)
+                else:
+                    p.future.set_result(outcome)
 
     async def _apply_group(
         self, conn: asyncpg.Connection, group: list[_Pending]

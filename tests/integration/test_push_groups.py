@@ -356,3 +356,46 @@ async def test_a_group_writes_records_as_its_changes_merged_one_by_one(hub: Any)
         assert (r["hlc"], r["deleted"]) == (want.max_hlc, not want.document()), r["key"]
     assert conflicts > 0  # "held" and "both" each lose a value
     assert await hub.hub.pool.fetchval("SELECT count(*) FROM conflicts") == conflicts
+
+
+async def test_the_next_group_commits_while_the_last_one_is_announced_in_order(
+    hub: Any,
+) -> None:
+    """Announcing a group (Redis) goes on beside the next group's transaction; its pushers
+    are answered only once it is done, announcements keep commit order, and a failed one
+    still answers the pushers: their batches are committed."""
+    nodes = await _nodes(hub, "a", "b")
+    announced: list[tuple[int, int]] = []
+    release = asyncio.Event()
+
+    async def after_commit(applied: list[push.AppliedBatch]) -> None:
+        if not announced:  # the first group's announcement hangs until released
+            await release.wait()
+        announced.append((applied[0].first_id, applied[-1].last_id))
+        if len(announced) == 2:
+            raise RuntimeError("injected: Redis refused the rows")
+
+    applier = push.Applier(
+        hub.hub.pool,
+        region=hub.config.region,
+        clock=hub.hub.clock,
+        tier_rules=hub.config.tier_rules,
+        resolvers=hub.hub.resolvers,
+        after_commit=after_commit,
+    )
+    async with applier:
+        first = asyncio.create_task(push.apply_push(applier, nodes["a"], _batch("a", 1, 3)))
+        # The second group commits although the first one's announcement hangs.
+        async with asyncio.timeout(10):
+            while await hub.hub.pool.fetchval("SELECT count(*) FROM feed") < 3:
+                await asyncio.sleep(0.01)
+            second = asyncio.create_task(push.apply_push(applier, nodes["b"], _batch("b", 1, 2)))
+            while await hub.hub.pool.fetchval("SELECT count(*) FROM feed") < 5:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert not first.done() and not second.done()  # both wait for the announcement
+        assert announced == []
+        release.set()
+        results = await asyncio.gather(first, second)
+    assert announced == [(1, 3), (4, 5)]  # commit order, though the second was ready first
+    assert [r.answer.applied for r in results] == [3, 2]  # the failed announcement too
