@@ -25,8 +25,15 @@ from syncengine.edge.daemon import EdgeDaemon
 from syncengine.edge.store import EdgeStore
 
 CELL = "west/ng/lagos/clinic-12"
-#: (cell, collection) the writer cycles through: critical, important, standard.
-CELLS = ((f"{CELL}/alerts", "alarms"), (f"{CELL}/stock", "items"), (CELL, "visits"))
+
+
+def cells_under(cell: str) -> tuple[tuple[str, str], ...]:
+    """The (cell, collection) a writer under ``cell`` cycles through: critical, important,
+    standard."""
+    return ((f"{cell}/alerts", "alarms"), (f"{cell}/stock", "items"), (cell, "visits"))
+
+
+CELLS = cells_under(CELL)
 CONCURRENCY = 4
 #: The broken build's pause between acknowledging a group and committing it.
 ACK_SEEN_S = 0.01

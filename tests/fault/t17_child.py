@@ -1,12 +1,12 @@
 """An edge process for the T17 soak: ``edge_child.py``'s daemon and writer, which the test can
 pause and resume over stdin.
 
-Usage: ``python t17_child.py CONFIG_JSON PREFIX RATE``
+Usage: ``python t17_child.py CONFIG_JSON PREFIX RATE CELL``
 
 Prints ``ready`` once the daemon runs, ``bootstrapped`` once it holds its subscriptions (the
 writers start then), and one line per acknowledged write (``<key>``, only after ``put``
-returned) at about RATE writes/s across the critical, important and standard cells of
-``edge_child.CELLS``. A ``put`` that fails with a :class:`StorageError` (the disk is full)
+returned) at about RATE writes/s across the critical, important and standard cells under
+CELL (``edge_child.cells_under``). A ``put`` that fails with a :class:`StorageError` (the disk is full)
 prints ``refused <key> <code>`` instead: never acknowledged, and the writer goes on with its
 next key. Commands on stdin, one a line: ``pause`` stops the writers and prints ``paused``
 once no ``put`` is in flight (so every acknowledged key was printed before it); ``resume``
@@ -31,7 +31,7 @@ import json
 import os
 import sys
 
-from edge_child import CELLS, CONCURRENCY, _break_ack_before_commit
+from edge_child import CONCURRENCY, _break_ack_before_commit, cells_under
 
 from syncengine.config import EdgeConfig
 from syncengine.edge.daemon import EdgeDaemon, open_store
@@ -46,7 +46,7 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-async def main(config_json: str, prefix: str, rate: float) -> None:
+async def main(config_json: str, prefix: str, rate: float, cell: str) -> None:
     config = EdgeConfig.from_mapping(json.loads(config_json))
     running = asyncio.Event()
     running.set()
@@ -97,6 +97,7 @@ async def main(config_json: str, prefix: str, rate: float) -> None:
                     running.set()
                     say("resumed")
 
+        cells = cells_under(cell)
         counter = iter(range(1 << 62))
         pause = CONCURRENCY / rate
 
@@ -105,11 +106,11 @@ async def main(config_json: str, prefix: str, rate: float) -> None:
             await holding.wait()
             for i in counter:
                 await running.wait()
-                cell, collection = CELLS[i % len(CELLS)]
+                where, collection = cells[i % len(cells)]
                 key = f"{prefix}-{i}"
                 in_flight += 1
                 try:
-                    await store.put(cell, collection, key, {"n": i, "by": config.node_id})
+                    await store.put(where, collection, key, {"n": i, "by": config.node_id})
                 except StorageError as exc:
                     say(f"refused {key} {exc.code}")
                 else:
@@ -126,4 +127,4 @@ async def main(config_json: str, prefix: str, rate: float) -> None:
 if __name__ == "__main__":
     if os.environ.get("SYNCENGINE_T3_BROKEN") == "ack_before_commit":
         _break_ack_before_commit()
-    asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3])))
+    asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]))

@@ -5,9 +5,12 @@ T17, the release gate).
 The cluster: the private PostgreSQL and Redis, two hub processes sharing them
 (:class:`fault.cluster.HubCluster`), and :data:`EDGES` edge processes (``t17_child.py``: the
 real edge daemon plus a writer at :data:`RATE` writes/s across the critical, important and
-standard cells of clinic-12, printing a key only after ``put`` returned). Edges are split
-across the two hubs and each reaches its hub through a fault proxy of its own. Every edge
-subscribes to clinic-12, so every edge must end up holding what every other one wrote.
+standard cells of its group's clinic, printing a key only after ``put`` returned). Edges are
+split across the two hubs and each reaches its hub through a fault proxy of its own. Edges
+are also split in :data:`GROUPS` groups, one clinic each (quick mode: one, clinic-12); an
+edge writes and subscribes to its group's clinic, so every edge must end up holding what
+every other edge of its group wrote. (Groups keep the long mode's 500 writes/s within what
+one edge's disk holds in 2 h.)
 
 The schedule, seeded from ``SYNCENGINE_SEED``: each period plans every fault kind once plus
 random extras at random times in its fault window (:data:`FAULT_S`), and runs them as
@@ -68,8 +71,9 @@ figures span the run: a process whose RSS or fd count grew at every one of at le
 :data:`LEAK_MIN_POINTS` checkpoints by more than the slack is a leak (a violation in long
 mode; reported in quick mode, whose two checkpoints cannot show a trend).
 
-Quick mode runs two periods of 45 s of faults on four edges; long mode runs the plan's 2 h
-in 15 min periods on eight edges. The negative control runs a short soak of edge kills
+Quick mode runs two periods of 45 s of faults on four edges at 3 writes/s each; long mode
+runs the plan's 2 h in 15 min periods on eight edges in four groups at 62.5 writes/s each,
+the plan's 500 writes/s in all (Litestream's soak figure). The negative control runs a short soak of edge kills
 against edges that acknowledge a write before it commits: it must find lost writes.
 """
 
@@ -117,9 +121,20 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 CHILD: Final = Path(__file__).with_name("t17_child.py")
 SKEWED: Final = Path(__file__).with_name("skewed.py")
 
-CELL: Final = "west/ng/lagos/clinic-12"
-ALERTS, STOCK = f"{CELL}/alerts", f"{CELL}/stock"
-RULES: Final = [{"prefix": ALERTS, "tier": "critical"}, {"prefix": STOCK, "tier": "important"}]
+EDGES: Final = pick(4, 8)
+#: Edges are split in this many groups (``e{i}`` is in group ``i % GROUPS``), one clinic each.
+GROUPS: Final = pick(1, 4)
+#: Each group's clinic (group 0's is clinic-12).
+CLINICS: Final = tuple(f"west/ng/lagos/clinic-{12 + g}" for g in range(GROUPS))
+CELL: Final = CLINICS[0]
+RULES: Final = [
+    rule
+    for clinic in CLINICS
+    for rule in (
+        {"prefix": f"{clinic}/alerts", "tier": "critical"},
+        {"prefix": f"{clinic}/stock", "tier": "important"},
+    )
+]
 #: Short tier intervals, so that a quiescence settles in seconds.
 POLICIES: Final = {
     "critical": {"retry_interval_s": 1},
@@ -133,9 +148,8 @@ POLICIES: Final = {
 }
 HUB_SETTINGS: Final = {"tier_rules": RULES, "resolvers": {"stock": "counter"}}
 
-EDGES: Final = pick(4, 8)
-#: Writes per second of one edge (the long-mode release figure of 500/s is for a bigger box).
-RATE: Final = pick(3.0, 10.0)
+#: Writes per second of one edge: long mode's 8 x 62.5 is the plan's 500/s.
+RATE: Final = pick(3.0, 62.5)
 PERIODS: Final = pick(2, 8)
 #: Seconds of faults per period (long: 15 min periods minus the quiescence).
 FAULT_S: Final = pick(45.0, 780.0)
@@ -157,15 +171,17 @@ SKEW_S: Final = (-1800.0, 120.0)
 #: The negative control's crash point probability, per group commit.
 CONTROL_POINT_P: Final = 0.2
 #: Each edge's tmpfs. It must hold the store's normal growth over a long run, so that the
-#: disk is full only while the filler is there: every edge holds every record of clinic-12,
-#: and 2 h at the long mode's 8 edges x 10 writes/s is 576,000 records. A record takes 205 B
-#: of the file (its row and its key's index entry, measured with ``dbstat`` over 30,000 puts
-#: of these keys and documents), 307 B with its outbox row (freed once pushed); counting 400 B
-#: for half-full pages, that is 230 MB. The WAL stays at up to ``journal_size_limit`` (64 MB)
-#: when checkpoints lag, and the -shm is far smaller: about 300 MB in all, so 512 MB leaves
-#: 200 MB of headroom. tmpfs takes memory only for what is written, but the filler allocates
-#: all the free space: one disk is full at a time (:attr:`Soak.disk_lock`).
-DISK_SIZE: Final = "512m"
+#: disk is full only while the filler is there: every edge holds every record of its group,
+#: and 2 h at the long mode's 2 edges a group x 62.5 writes/s is 900,000 records. A record
+#: takes 205 B of the file (its row and its key's index entry, measured with ``dbstat`` over
+#: 30,000 puts of these keys and documents), 307 B with its outbox row (freed once pushed);
+#: counting 400 B for half-full pages, that is 360 MB. The WAL stays at up to
+#: ``journal_size_limit`` (64 MB) when checkpoints lag, and the -shm is far smaller: about
+#: 430 MB in all, so 768 MB leaves over 300 MB of headroom (quick mode writes a few
+#: thousand records). tmpfs takes memory only for what is written (8 x 430 MB at most), but
+#: the filler allocates all the free space: one disk is full at a time
+#: (:attr:`Soak.disk_lock`).
+DISK_SIZE: Final = pick("512m", "768m")
 #: Free space the filler leaves: a few pages, so the next commit that grows a file fails.
 DISK_LEAVE_BYTES: Final = 16 * 1024
 #: How long a disk stays full.
@@ -217,6 +233,7 @@ class EdgeProc:
             json.dumps(edge.config),
             prefix,
             str(RATE),
+            edge.cell,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL,
@@ -288,6 +305,8 @@ class Edge:
     env: dict[str, str]
     #: The tmpfs holding its store (None when the soak has no disk fault).
     disk: Path | None = None
+    #: Its group's clinic: what it writes and subscribes to.
+    cell: str = CELL
     proc: EdgeProc | None = None
     starts: int = 0
     acked: set[str] = field(default_factory=set)
@@ -384,6 +403,11 @@ class Soak:
         self.samples: list[dict[str, Any]] = []
         self.converge_s: list[float | None] = []
         self.checks: list[dict[str, Any]] = []
+
+    @property
+    def clinics(self) -> list[str]:
+        """The clinics of the edges' groups."""
+        return sorted({e.cell for e in self.edges})
 
     def log(self, op: str, value: Any = None) -> None:
         self.history.log("nemesis", op, "info", value)
@@ -701,15 +725,14 @@ class Soak:
         try:
             while True:
                 at = time.monotonic() - settled
-                hub_records = await read_hub(conn)
-                wanted = digest(hub_records)
+                wanted = {cell: digest(await read_hub(conn, cell)) for cell in self.clinics}
                 queued = dead = behind = 0
                 ok = True
                 for edge in self.edges:
-                    records, depth, n_dead = await asyncio.to_thread(read_edge, edge.db)
+                    records, depth, n_dead = await asyncio.to_thread(read_edge, edge.db, edge.cell)
                     queued += depth
                     dead += n_dead
-                    same = depth == 0 and digest(records) == wanted
+                    same = depth == 0 and digest(records) == wanted[edge.cell]
                     behind += not same
                     ok &= same
                 trace.append([round(at, 1), queued, behind])
@@ -758,15 +781,12 @@ class Soak:
         conn = await asyncpg.connect(self.dsn)
         try:
             feed = await conn.fetch("SELECT node_id, key FROM feed")
+            # Keys are unique across edges (each edge's prefix).
             docs = {
                 r["key"]: r["doc"]
-                for r in await conn.fetch(
-                    "SELECT key, doc::text AS doc FROM records WHERE cell >= $1 AND cell < $2",
-                    CELL,
-                    CELL + "0",
-                )
+                for r in await conn.fetch("SELECT key, doc::text AS doc FROM records")
             }
-            hub_records = await read_hub(conn)
+            hub_of = {cell: await read_hub(conn, cell) for cell in self.clinics}
         finally:
             await conn.close()
         in_feed = Counter((r["node_id"], r["key"]) for r in feed)
@@ -786,7 +806,8 @@ class Soak:
             unacked += sum(
                 1 for (node, key) in in_feed if node == edge.name and key not in edge.acked
             )
-            records, depth, dead = await asyncio.to_thread(read_edge, edge.db)
+            records, depth, dead = await asyncio.to_thread(read_edge, edge.db, edge.cell)
+            hub_records = hub_of[edge.cell]
             local = {rk[2] for rk in records}
             missing = edge.acked - local
             if missing:
@@ -830,7 +851,7 @@ class Soak:
             {
                 "period": period,
                 "acknowledged": sum(len(e.acked) for e in self.edges),
-                "hub_records": len(hub_records),
+                "hub_records": sum(len(held) for held in hub_of.values()),
                 "feed_rows": len(feed),
                 "unacknowledged_at_hub": unacked,
                 "violations": dict(v.counts),
@@ -849,7 +870,7 @@ class Soak:
         for edge in self.edges:
             if edge.proc is not None and edge.running:
                 procs[edge.name] = {"pid": edge.proc.pid, **proc_figures(edge.proc.pid)}
-            _, depth, _ = await asyncio.to_thread(read_edge, edge.db)
+            _, depth, _ = await asyncio.to_thread(read_edge, edge.db, edge.cell)
             edges[edge.name] = {
                 "db_kb": edge.db.stat().st_size // 1024,
                 "wal_kb": edge.wal.stat().st_size // 1024 if edge.wal.exists() else 0,
@@ -900,8 +921,8 @@ class Soak:
 # ============================================================================ reading stores
 
 
-def read_edge(db: Path) -> tuple[dict[tuple[str, str, str], bytes], int, int]:
-    """An edge's records of clinic-12 (key -> state), outbox depth and dead letters, read
+def read_edge(db: Path, clinic: str) -> tuple[dict[tuple[str, str, str], bytes], int, int]:
+    """An edge's records of ``clinic`` (key -> state), outbox depth and dead letters, read
     with sqlite3 as an operator would."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
     try:
@@ -909,7 +930,7 @@ def read_edge(db: Path) -> tuple[dict[tuple[str, str, str], bytes], int, int]:
             (c, coll, k): bytes(state)
             for c, coll, k, state in conn.execute(
                 "SELECT cell, collection, key, state FROM records WHERE cell >= ? AND cell < ?",
-                (CELL, CELL + "0"),
+                (clinic, clinic + "0"),
             )
         }
         (depth,) = conn.execute("SELECT count(*) FROM outbox").fetchone()
@@ -938,11 +959,12 @@ def integrity_of(db: Path) -> str:
         conn.close()
 
 
-async def read_hub(conn: asyncpg.Connection) -> dict[tuple[str, str, str], bytes]:
+async def read_hub(conn: asyncpg.Connection, clinic: str) -> dict[tuple[str, str, str], bytes]:
+    """The hub's records of ``clinic`` (the cell and those under it)."""
     rows = await conn.fetch(
         "SELECT cell, collection, key, state FROM records WHERE cell >= $1 AND cell < $2",
-        CELL,
-        CELL + "0",
+        clinic,
+        clinic + "0",
     )
     return {(r["cell"], r["collection"], r["key"]): bytes(r["state"]) for r in rows}
 
@@ -1009,7 +1031,8 @@ async def soak_cluster(
             for i in range(n_edges):
                 name = f"e{i}"
                 hub = cluster.hubs[i % 2]
-                token = await cluster.add_node(name, CELL)
+                cell = CLINICS[i % GROUPS]
+                token = await cluster.add_node(name, cell)
                 proxy = await fault_proxy("127.0.0.1", hub.port, seed=rng.randrange(1 << 32))
                 disk: Path | None = None
                 if "disk_full" in kinds:
@@ -1021,13 +1044,13 @@ async def soak_cluster(
                     "db": str(db),
                     "hub_url": f"http://127.0.0.1:{proxy.port}",
                     "token": token,
-                    "subscriptions": [CELL],
+                    "subscriptions": [cell],
                     "tier_rules": RULES,
                     "resolvers": {"stock": "counter"},
                     "tier_policies": POLICIES,
                 }
                 link = ShapedLink(proxy, PROFILES["3g"], random.Random(rng.randrange(1 << 32)))
-                edges.append(Edge(name, hub, db, config, link, env, disk=disk))
+                edges.append(Edge(name, hub, db, config, link, env, disk=disk, cell=cell))
             soak = Soak(
                 cluster=cluster,
                 edges=edges,
