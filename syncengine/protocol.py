@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import re
 import reprlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -285,6 +285,27 @@ def decode_push(
     ``detail["seq"]`` when one change is at fault, :class:`LimitExceededError` for batches over
     ``max_changes``.
     """
+    steps = decode_push_steps(obj, max_changes=max_changes, max_record_bytes=max_record_bytes)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+
+#: :func:`decode_push_steps` pauses after this many changes.
+DECODE_STEP: Final = 64
+
+
+def decode_push_steps(
+    obj: object,
+    *,
+    max_changes: int = DEFAULT_MAX_BATCH_CHANGES,
+    max_record_bytes: int | None = None,
+) -> Generator[None, None, PushBatch]:
+    """:func:`decode_push` in steps: yields after each :data:`DECODE_STEP` changes and
+    returns the batch, so that a server can decode a large batch in slices between other
+    work (the hub's event loop)."""
     msg = _only_keys(obj, _PUSH_KEYS, "push")
     _check_version(msg["v"], f"this hub speaks {PROTOCOL_VERSION}")
     node = validate_node_id(msg["node"])
@@ -348,6 +369,8 @@ def decode_push(
         changes.append(change)
         prev = hlc
         seq += 1
+        if len(changes) % DECODE_STEP == 0:
+            yield
     return PushBatch(
         node=node, lane=lane, first_seq=first, last_seq=last, skipped=skipped, changes=changes
     )

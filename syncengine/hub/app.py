@@ -29,9 +29,9 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import asyncpg
 from aiohttp import web
@@ -58,7 +58,7 @@ from syncengine.protocol import (
     PROTOCOL_VERSION,
     PullPage,
     decode_body,
-    decode_push,
+    decode_push_steps,
     encode_body,
     encode_pull_page,
     encode_push_answer,
@@ -69,6 +69,7 @@ from syncengine.tiers import MAX_LONG_POLL_S, Tier
 __all__ = ["MSGPACK", "Hub", "run_hub"]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 MSGPACK: Final = "application/msgpack"
 #: The longest long-poll: an idle edge holds one this long (tiers' ``long_poll_idle_s``).
@@ -296,10 +297,14 @@ class Hub:
         self.metrics.bytes_in.inc(len(raw))
         encoding = request.headers.get("Content-Encoding")
         obj = decode_body(raw, encoding, self.limits)
-        batch = decode_push(
-            obj,
-            max_changes=self.config.max_batch_changes,
-            max_record_bytes=self.config.max_record_bytes,
+        # In steps: the push applier, whose PostgreSQL reply may come meanwhile, waits for no
+        # long stretch of decoding (the other pushes of the region wait on its transaction).
+        batch = await _in_steps(
+            decode_push_steps(
+                obj,
+                max_changes=self.config.max_batch_changes,
+                max_record_bytes=self.config.max_record_bytes,
+            )
         )
         push.check_batch(
             node, batch, region=self.config.region, clock=self.clock, resolvers=self.resolvers
@@ -650,3 +655,13 @@ async def run_hub(config: HubConfig, *, ready: Callable[[], None] | None = None)
             await asyncio.Event().wait()
         finally:
             await runner.cleanup()
+
+
+async def _in_steps(steps: Generator[None, None, _T]) -> _T:
+    """Run ``steps`` to its end, letting the event loop run other work between steps."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        await asyncio.sleep(0)

@@ -233,9 +233,10 @@ MAX_GROUP_CHANGES: Final = 2_000
 CLOSE_TIMEOUT_S: Final = 10.0
 
 
-#: :meth:`Applier.prepare` yields to the event loop after this many changes, so that the
-#: applier, whose PostgreSQL step may have finished meanwhile, waits for no long stretch.
-PREPARE_SLICE: Final = 256
+#: :meth:`Applier.prepare` yields to the event loop after this many changes (about half a
+#: millisecond), so that the applier, whose PostgreSQL step may have finished meanwhile,
+#: waits for no long stretch: a group's dozen round trips each paid for a whole slice.
+PREPARE_SLICE: Final = 64
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,16 @@ from hypothesis import strategies as st
 from syncengine.codec import Limits, canonical_packb, compress, decode, decompress, encode
 from syncengine.errors import DecodeError, LimitExceededError, SyncError
 from syncengine.merge import Change
-from syncengine.protocol import PullPage, decode_pull_page, encode_pull_page
+from syncengine.protocol import (
+    DECODE_STEP,
+    PullPage,
+    PushBatch,
+    decode_pull_page,
+    decode_push,
+    decode_push_steps,
+    encode_pull_page,
+    encode_push,
+)
 
 SMALL = Limits(
     max_body_bytes=1 << 20,
@@ -160,3 +169,40 @@ def test_a_pull_page_from_a_hostile_or_newer_hub_is_refused(
     assert info.value.code == code
     with pytest.raises(SyncError):  # never RecursionError
         decode_pull_page(_pull_page(nodes=[deep]))
+
+
+def test_a_push_decodes_in_steps_to_the_same_batch_and_fails_at_the_same_change() -> None:
+    """The hub decodes a large push in steps (between them its event loop runs the push
+    applier): the steps give exactly what ``decode_push`` gives, and a bad change fails
+    the same way, naming its seq, wherever it falls."""
+    changes = [
+        Change(
+            cell="west/ng/lagos/clinic-12",
+            collection="visits",
+            key=f"v-{seq}",
+            hlc=(1_700_000_000_000 << 16) + seq,
+            node="edge-1",
+            fields={"n": seq},
+            lane=2,
+            seq=seq,
+        )
+        for seq in range(1, 151)
+    ]
+    batch = PushBatch(node="edge-1", lane=2, first_seq=1, last_seq=150, changes=changes)
+    msg = decode(encode(encode_push(batch)))
+    steps = decode_push_steps(msg)
+    pauses = 0
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            stepped = done.value
+            break
+        pauses += 1
+    assert pauses == 150 // DECODE_STEP
+    assert stepped == decode_push(msg) == batch
+    msg["changes"][100][2] = ""  # the key of seq 101
+    for decoder in (decode_push, lambda m: list(decode_push_steps(m))):
+        with pytest.raises(SyncError) as refused:
+            decoder(msg)
+        assert refused.value.detail["seq"] == 101
