@@ -10,8 +10,12 @@ The cost is that pushes to one region apply one transaction at a time. So a hub 
 applies them in groups (:class:`Applier`, group commit): whatever queued while one group
 committed goes in the next, one lock acquisition, one commit and a handful of set-based
 statements (``unnest`` arrays and COPY, never one statement per change) for all of it.
-All decoding and validation happens before, outside the lock. ``benchmarks/sync_push.py``
-measures one edge's rate beside raw COPY; ``benchmarks/fleet.py`` a thousand edges'.
+All decoding and validation happens before, outside the lock, and so does whatever does
+not depend on the hub's state (:meth:`Applier.prepare`: the feed rows, and the first
+version of the records a batch most likely creates); caching a committed group and waking
+its readers (``after_commit``) happens beside the next group. The lock is held for the
+database work and the merge alone. ``benchmarks/backlog.py`` measures one edge's drain
+beside raw COPY; ``benchmarks/hub_pushes.py`` many edges' small pushes.
 
 Dedup: per ``(node, lane)`` the hub keeps the highest seq applied. A batch at or below it
 is a replay and answers the same ``acked``; a batch starting beyond it + 1 is a gap (409);
