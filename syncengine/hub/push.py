@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -200,9 +200,15 @@ async def apply_push(applier: Applier, node: Node, batch: PushBatch) -> AppliedB
     A batch that starts past the next seq the hub expects waits up to :data:`GAP_WAIT_S`
     for the batches before it (an edge pipelines its pushes: they may arrive out of
     order), then is refused (409 ``seq_gap``)."""
+    async with applier.prepared(node, batch) as ready:
+        return await _apply_ready(applier, node, batch, ready)
+
+
+async def _apply_ready(
+    applier: Applier, node: Node, batch: PushBatch, ready: _Ready
+) -> AppliedBatch:
     lane_key = (node.node_id, batch.lane)
     deadline = time.monotonic() + GAP_WAIT_S
-    ready = await applier.prepare(node, batch)
     while True:
         advanced = _advanced.setdefault(lane_key, asyncio.Event())
         try:
@@ -237,6 +243,10 @@ MAX_GROUP_CHANGES: Final = 2_000
 CLOSE_TIMEOUT_S: Final = 10.0
 
 
+#: At most this many changes of batches waiting to apply hold a prepared first write (about
+#: 1.7 KB each: some 35 MB in all); past it, a batch's records are merged in its group as
+#: before. Without the bound, edges draining backlogs at once would hold it each.
+GUESS_BUDGET: Final = 20_000
 #: :meth:`Applier.prepare` yields to the event loop after this many changes (about half a
 #: millisecond), so that the applier, whose PostgreSQL step may have finished meanwhile,
 #: waits for no long stretch: a group's dozen round trips each paid for a whole slice.
@@ -315,13 +325,26 @@ class Applier:
         self._worker: asyncio.Task[None] | None = None
         #: Announcing the last group committed, then answering its pushers.
         self._answering: asyncio.Task[None] | None = None
+        #: Changes of prepared batches holding first-write guesses (:data:`GUESS_BUDGET`).
+        self._guessing = 0
         self._closed = False
 
-    async def prepare(self, node: Node, batch: PushBatch) -> _Ready:
+    @contextlib.asynccontextmanager
+    async def prepared(self, node: Node, batch: PushBatch) -> AsyncIterator[_Ready]:
+        """:meth:`prepare` ``batch`` for as long as it takes to apply it, with first-write
+        guesses while fewer than :data:`GUESS_BUDGET` changes hold them."""
+        guessed = len(batch.changes) if self._guessing < GUESS_BUDGET else 0
+        self._guessing += guessed
+        try:
+            yield await self.prepare(node, batch, guess=guessed > 0)
+        finally:
+            self._guessing -= guessed
+
+    async def prepare(self, node: Node, batch: PushBatch, *, guess: bool = True) -> _Ready:
         """Work out what does not depend on the hub's state for ``batch``'s changes (their
-        feed rows, and the first version of records they most likely create), before its
-        group holds the feed lock: the work overlaps the group in flight, whose transaction
-        is what every push of the region waits on."""
+        feed rows and, with ``guess``, the first version of records they most likely
+        create), before its group holds the feed lock: the work overlaps the group in
+        flight, whose transaction is what every push of the region waits on."""
         cells = {c.cell for c in batch.changes}
         tiers = {cell: self.tier_rules.tier_for(cell).priority for cell in cells}
         feed: list[tuple[Any, ...]] = []
@@ -341,7 +364,7 @@ class Applier:
                     encode(dict(c.base)) if c.base else None,
                 )
             )
-            if c.base:
+            if c.base or not guess:
                 first.append(None)
             else:
                 applied = apply_change(

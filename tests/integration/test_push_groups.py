@@ -288,12 +288,17 @@ async def test_a_large_batch_writes_new_and_held_records_alike(hub: Any) -> None
         assert row["feed_id"] == feed_of[(f"k-{seq}", seq)]
 
 
-async def test_a_group_writes_records_as_its_changes_merged_one_by_one(hub: Any) -> None:
+@pytest.mark.parametrize("budget", [push.GUESS_BUDGET, 0], ids=["guesses", "over-budget"])
+async def test_a_group_writes_records_as_its_changes_merged_one_by_one(
+    hub: Any, monkeypatch: pytest.MonkeyPatch, budget: int
+) -> None:
     """The applier takes what ``prepare`` made of a change with no ``base`` (most likely a
     new record) only when the record is absent; a record that exists, or that an earlier
-    change of the same group created, is merged as always. Every record must read back as
-    folding the feed's changes one by one makes it, and the conflicts log must hold as many
-    rows as that fold finds."""
+    change of the same group created, is merged as always (and every change is, once the
+    guesses held exceed their budget). Every record must read back as folding the feed's
+    changes one by one makes it, and the conflicts log must hold as many rows as that fold
+    finds."""
+    monkeypatch.setattr(push, "GUESS_BUDGET", budget)
     nodes = await _nodes(hub, "a", "b")
     now = (time.time_ns() // 1_000_000) << 16
 
@@ -356,6 +361,7 @@ async def test_a_group_writes_records_as_its_changes_merged_one_by_one(hub: Any)
         assert (r["hlc"], r["deleted"]) == (want.max_hlc, not want.document()), r["key"]
     assert conflicts > 0  # "held" and "both" each lose a value
     assert await hub.hub.pool.fetchval("SELECT count(*) FROM conflicts") == conflicts
+    assert applier._guessing == 0  # every batch gave its guesses' budget back
 
 
 async def test_the_next_group_commits_while_the_last_one_is_announced_in_order(
