@@ -73,6 +73,8 @@ DEFAULT_LISTEN: Final = "127.0.0.1:8400"
 DEFAULT_FEED_RETENTION_DAYS: Final = 30
 #: The longest ``token_cache_s``: a revoked token is refused within five minutes at worst.
 MAX_TOKEN_CACHE_S: Final = 300
+#: Large pushes one hub process decodes and applies at once (see ``max_large_pushes``).
+DEFAULT_MAX_LARGE_PUSHES: Final = 8
 
 _NODE_ID: Final = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}\Z")
 _MASK: Final = "***"
@@ -109,6 +111,7 @@ _HUB_SCALARS: Final[Mapping[str, type]] = {
     "max_record_bytes": int,
     "feed_retention_days": int,
     "token_cache_s": int,
+    "max_large_pushes": int,
 }
 _HUB_KEYS: Final = frozenset(_HUB_SCALARS) | {"tier_rules", "tier_policies", "resolvers"}
 # Conventional names (Heroku, compose, most PaaS) honoured for the hub's stores.
@@ -378,6 +381,11 @@ class HubConfig:
     #: PostgreSQL). A revoked token or narrowed grants take this long to apply to each
     #: process; in exchange most requests of a large fleet skip a database round trip.
     token_cache_s: int = 0
+    #: Pushes with a body of ``LARGE_PUSH_BYTES`` or more that one hub process decodes and
+    #: applies at once; more wait their turn (smaller pushes never wait). Each holds a
+    #: decoded batch (up to ``max_batch_changes`` changes, a few KB each), so this bounds
+    #: the memory of many edges coming back with backlogs at once.
+    max_large_pushes: int = DEFAULT_MAX_LARGE_PUSHES
     tier_policies: Mapping[Tier, TierPolicy] = dataclasses.field(
         default_factory=_default_policies_copy
     )
@@ -406,6 +414,7 @@ class HubConfig:
             "max_record_bytes": self.max_record_bytes,
             "feed_retention_days": self.feed_retention_days,
             "token_cache_s": self.token_cache_s,
+            "max_large_pushes": self.max_large_pushes,
             "source": self.source,
         }
 
@@ -453,6 +462,9 @@ class HubConfig:
                 "feed_retention_days", DEFAULT_FEED_RETENTION_DAYS, minimum=1
             ),
             token_cache_s=table.get_int("token_cache_s", 0, minimum=0, maximum=MAX_TOKEN_CACHE_S),
+            max_large_pushes=table.get_int(
+                "max_large_pushes", DEFAULT_MAX_LARGE_PUSHES, minimum=1, maximum=1024
+            ),
             tier_policies=_policies(table, policy_overrides),
             source=source,
         )

@@ -72,6 +72,9 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 MSGPACK: Final = "application/msgpack"
+#: A push body this large or larger (about 400 changes compressed) waits for one of
+#: ``max_large_pushes`` slots before it is decoded.
+LARGE_PUSH_BYTES: Final = 4096
 #: The longest long-poll: an idle edge holds one this long (tiers' ``long_poll_idle_s``).
 MAX_WAIT_S: Final = float(MAX_LONG_POLL_S)
 #: The authenticated node of a request.
@@ -97,6 +100,8 @@ class Hub:
         self.activity = NodeActivity(pool)
         # None with token_cache_s = 0: every request looks its token up.
         self.tokens = nodes.TokenCache(config.token_cache_s) if config.token_cache_s else None
+        # Large pushes decoded and applied at once (each holds its decoded batch).
+        self.large_pushes = asyncio.Semaphore(config.max_large_pushes)
         # Pushes apply in groups, one transaction each (group commit).
         self.pushes = push.Applier(
             pool,
@@ -295,6 +300,23 @@ class Hub:
             )
         raw = await request.read()
         self.metrics.bytes_in.inc(len(raw))
+        if len(raw) < LARGE_PUSH_BYTES:
+            return await self._apply_push_body(request, node, raw)
+        # A large push (an edge working through a backlog) waits its turn, holding only
+        # its body: max_large_pushes bounds the decoded batches a process holds at once.
+        self.metrics.pushes_waiting.inc()
+        try:
+            await self.large_pushes.acquire()
+        finally:
+            self.metrics.pushes_waiting.dec()
+        try:
+            return await self._apply_push_body(request, node, raw)
+        finally:
+            self.large_pushes.release()
+
+    async def _apply_push_body(
+        self, request: web.Request, node: nodes.Node, raw: bytes
+    ) -> web.Response:
         encoding = request.headers.get("Content-Encoding")
         obj = decode_body(raw, encoding, self.limits)
         # In steps: the push applier, whose PostgreSQL reply may come meanwhile, waits for no

@@ -36,6 +36,11 @@ class HubMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64),
             registry=r,
         )
+        self.pushes_waiting = Gauge(
+            "syncengine_hub_pushes_waiting",
+            "Large pushes waiting for one of max_large_pushes slots",
+            registry=r,
+        )
         self.conflicts = Counter("syncengine_hub_conflicts", "Conflicts logged", registry=r)
         self.errors = Counter(
             "syncengine_hub_errors", "Errors answered, by code", ["code"], registry=r

@@ -9,6 +9,7 @@ import aiohttp
 import pytest
 
 from syncengine.codec import decode, encode
+from syncengine.hub import app, push
 from syncengine.hub.nodes import revoke_node
 from syncengine.hub.push import COPY_RECORDS_FROM
 from syncengine.merge import Change
@@ -119,3 +120,57 @@ async def test_a_revoked_token_is_refused_at_once_or_after_token_cache_s(  # typ
         assert time.monotonic() - started < 1.5, "the cached token outlived token_cache_s"
         await asyncio.sleep(0.05)
     assert await status(uncached) == 401 and await status(cached) == 401
+
+
+async def test_large_pushes_wait_for_a_slot_and_small_ones_do_not(  # type: ignore[no-untyped-def]
+    hub_factory, monkeypatch
+) -> None:
+    """``max_large_pushes`` bounds the large pushes a hub process decodes and applies at
+    once: with one slot, a second large push waits (holding only its body) until the first
+    is answered, while a small push goes through meanwhile."""
+    hub = await hub_factory(max_large_pushes=1)
+    tokens = {n: await hub.add_node(n, "west/ng/lagos") for n in ("big-1", "big-2", "small")}
+    now = (time.time_ns() // 1_000_000) << 16
+    inside = asyncio.Event()
+    release = asyncio.Event()
+    real_apply = push.apply_push
+
+    async def held_apply(applier, node, batch):  # type: ignore[no-untyped-def]
+        if node.node_id == "big-1":
+            inside.set()
+            await release.wait()
+        return await real_apply(applier, node, batch)
+
+    monkeypatch.setattr(push, "apply_push", held_apply)
+
+    def body(node: str, count: int) -> bytes:
+        changes = [
+            change(node, seq, f"{node}-{seq}", {"note": f"visit {seq} of {node}"}, now + seq)
+            for seq in range(1, count + 1)
+        ]
+        data = encode(encode_push(PushBatch(node=node, lane=2, first_seq=1, last_seq=count,
+                                            changes=changes)))
+        assert (len(data) >= app.LARGE_PUSH_BYTES) == (count > 1)
+        return data
+
+    async def post(http: aiohttp.ClientSession, node: str, count: int) -> int:
+        headers = {"Authorization": f"Bearer {tokens[node]}", "Content-Type": "application/msgpack"}
+        async with http.post(f"{hub.url}/v1/push", data=body(node, count), headers=headers) as r:
+            assert r.status == 200, await r.read()
+            return decode_push_answer(decode(await r.read())).applied
+
+    waiting = hub.hub.metrics.pushes_waiting
+    async with aiohttp.ClientSession() as http:
+        first = asyncio.create_task(post(http, "big-1", 500))
+        await asyncio.wait_for(inside.wait(), 10)
+        second = asyncio.create_task(post(http, "big-2", 500))
+        async with asyncio.timeout(10):
+            while waiting._value.get() != 1:
+                await asyncio.sleep(0.01)
+        assert await asyncio.wait_for(post(http, "small", 1), 10) == 1  # never waits
+        assert not second.done()
+        assert waiting._value.get() == 1
+        release.set()
+        assert await asyncio.wait_for(asyncio.gather(first, second), 20) == [500, 500]
+    assert waiting._value.get() == 0
+    assert await hub.hub.pool.fetchval("SELECT count(*) FROM feed") == 1001

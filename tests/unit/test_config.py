@@ -92,14 +92,22 @@ def test_hub_config_loads(tmp_path: Path) -> None:
     assert config.tier_rules.tier_for("west/ng/lagos/clinic-12/alerts") is Tier.CRITICAL
 
 
-def test_hub_token_cache_is_off_unless_set_and_bounded(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("key", "default", "good", "refused", "why"),
+    [
+        ("token_cache_s", 0, 30, [3600, -1], ["at most 300", "at least 0"]),
+        ("max_large_pushes", 8, 2, [0, 2000], ["at least 1", "at most 1024"]),
+    ],
+)
+def test_hub_bounded_keys_have_defaults_and_refuse_what_is_out_of_bounds(
+    tmp_path: Path, key: str, default: int, good: int, refused: list[int], why: list[str]
+) -> None:
     minimal = 'region = "east"\ndatabase_url = "postgresql:///east"\n'
-    assert _hub(tmp_path, minimal).token_cache_s == 0
-    assert _hub(tmp_path, minimal + "token_cache_s = 30\n").token_cache_s == 30
-    with pytest.raises(ConfigError, match=r"token_cache_s.*at most 300"):
-        _hub(tmp_path, minimal + "token_cache_s = 3600\n")
-    with pytest.raises(ConfigError, match=r"token_cache_s.*at least 0"):
-        _hub(tmp_path, minimal + "token_cache_s = -1\n")
+    assert getattr(_hub(tmp_path, minimal), key) == default
+    assert getattr(_hub(tmp_path, minimal + f"{key} = {good}\n"), key) == good
+    for value, reason in zip(refused, why, strict=True):
+        with pytest.raises(ConfigError, match=rf"{key}.*{reason}"):
+            _hub(tmp_path, minimal + f"{key} = {value}\n")
 
 
 def test_minimal_configs_take_defaults(tmp_path: Path) -> None:
