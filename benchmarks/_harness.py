@@ -124,13 +124,17 @@ def fields(i: int) -> dict[str, Any]:
     }
 
 
-def make_changes(node: str, first_seq: int, count: int, lane: int = 2) -> list[Change]:
+def make_changes(
+    node: str, first_seq: int, count: int, lane: int = 2, *, keys: str = "v"
+) -> list[Change]:
+    """``count`` new visits of ``node`` from ``first_seq`` on, keyed ``{keys}-{seq}``: nodes
+    given the same ``keys`` write the same records."""
     base = (time.time_ns() // 1_000_000) << 16
     return [
         Change(
             cell=f"{CELL}/ward-{(first_seq + i) % 7}",
             collection="visits",
-            key=f"v-{first_seq + i:08d}",
+            key=f"{keys}-{first_seq + i:08d}",
             hlc=base + i,
             node=node,
             fields=fields(first_seq + i),

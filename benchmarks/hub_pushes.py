@@ -1,16 +1,19 @@
 """Many edges' small pushes against one hub: what the hub alone sustains.
 
     .venv/bin/python benchmarks/hub_pushes.py [--pushers N] [--batch B] [--seconds S]
-        [--token-cache-s T] [--json]
+        [--token-cache-s T] [--same-keys] [--json]
 
 N nodes (default 200) each push batches of B changes (default 5: a clinic's few writes of a
-moment) one after another, each as soon as the last was answered, for S seconds (default
+moment, new records of its own; with --same-keys every node writes the same records, so
+that each change merges into one the hub holds) one after another, each as soon as the last was answered, for S seconds (default
 20), to a hub in its own process. Every request body is encoded before the clock starts and
 all N share one aiohttp session, so the client costs little and the hub is the limit (what
 ``fleet.py`` cannot show on a small machine, where simulating a thousand SQLite stores
 takes the CPU). Prints pushes and changes applied per second, p50/p99 push latency as the
-clients saw it, the PostgreSQL transactions the hub used (group commit), and raw COPY
-rows/s into the same PostgreSQL, measured in the same run.
+clients saw it, the PostgreSQL transactions the hub used (group commit), the CPU time each
+push cost the hub and PostgreSQL, and raw COPY rows/s into the same PostgreSQL, measured in
+the same run. The CPU per push is the figure to compare two builds by on a shared machine:
+the rates move with whatever else runs, it much less.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from syncengine.protocol import PushBatch, encode_body, encode_push
 
 
-def _bodies(node: str, batches: int, size: int) -> list[tuple[bytes, str | None]]:
-    changes = make_changes(node, 1, batches * size)
+def _bodies(
+    node: str, batches: int, size: int, *, same_keys: bool
+) -> list[tuple[bytes, str | None]]:
+    changes = make_changes(node, 1, batches * size, keys="v" if same_keys else f"v-{node}")
     out = []
     for i in range(0, len(changes), size):
         part = changes[i : i + size]
@@ -59,17 +64,26 @@ async def main() -> None:
     parser.add_argument(
         "--token-cache-s", type=int, default=0, help="the hub's token_cache_s (default 0: off)"
     )
+    parser.add_argument(
+        "--same-keys",
+        action="store_true",
+        help="every pusher writes the same records (default: each its own, as clinics do)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     # Enough batches for each pusher to push every 20 ms for the whole run.
     per_pusher = int(args.seconds / 0.02) + 1
     async with running_hub(token_cache_s=args.token_cache_s) as bench:
         tokens = [await token_for(bench, f"p{i:04d}") for i in range(args.pushers)]
-        bodies = [_bodies(f"p{i:04d}", per_pusher, args.batch) for i in range(args.pushers)]
+        bodies = [
+            _bodies(f"p{i:04d}", per_pusher, args.batch, same_keys=args.same_keys)
+            for i in range(args.pushers)
+        ]
         latencies: list[float] = []
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as http:
             before = await _transactions(http, bench.url)
+            cpu_before = bench.cpu_seconds()
             stop_at = time.perf_counter() + args.seconds
 
             async def pusher(token: str, mine: list[tuple[bytes, str | None]]) -> None:
@@ -90,6 +104,7 @@ async def main() -> None:
             start = time.perf_counter()
             await asyncio.gather(*(pusher(t, b) for t, b in zip(tokens, bodies, strict=True)))
             elapsed = time.perf_counter() - start
+            cpu_after = bench.cpu_seconds()
             after = await _transactions(http, bench.url)
         applied = await bench.pool.fetchval("SELECT id FROM feed_head")
         copy = await raw_copy_rate(bench.dsn, make_changes("copy", 1, 100_000))
@@ -98,11 +113,16 @@ async def main() -> None:
         "pushers": args.pushers,
         "token_cache_s": args.token_cache_s,
         "batch": args.batch,
+        "same_keys": args.same_keys,
         "pushes_per_s": round(len(latencies) / elapsed),
         "changes_per_s": round(applied / elapsed),
         "push_p50_ms": round(cuts[49] * 1000, 1),
         "push_p99_ms": round(cuts[98] * 1000, 1),
         "transactions": None if after is None else round(after - (before or 0)),
+        "cpu_us_per_push": {
+            side: round((cpu_after[side] - cpu_before[side]) / len(latencies) * 1e6, 1)
+            for side in ("hub", "postgres")
+        },
         "raw_copy_rows_per_s": round(copy),
     }
     print_figures(result, as_json=args.json)
