@@ -5,7 +5,7 @@ reads the imports and keeps this true):
 
 1. core, no network or database (the config loaders only read their TOML files):
    ``errors``, ``clock``, ``cells``, ``codec``, ``merge``, ``protocol``, ``tiers``,
-   ``regions``, ``resources``, ``config``, ``crashpoints``
+   ``regions``, ``resources``, ``config``, ``crashpoints``, ``steps`` (CPU work in slices)
 2. seams to the machine: ``migrations``, ``devservers``, ``scheduler`` (APScheduler),
    ``service`` (systemd notifications, log formats), ``bundle`` (store-and-forward files),
    ``tasks`` (stopping background tasks for certain)

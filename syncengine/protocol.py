@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import re
 import reprlib
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from syncengine import steps
 from syncengine.cells import parse_cell
 from syncengine.clock import validate_hlc
 from syncengine.codec import DEFAULT_LIMITS, Limits, compress, decode, decompress, encode
@@ -285,12 +286,9 @@ def decode_push(
     ``detail["seq"]`` when one change is at fault, :class:`LimitExceededError` for batches over
     ``max_changes``.
     """
-    steps = decode_push_steps(obj, max_changes=max_changes, max_record_bytes=max_record_bytes)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
+    return steps.run(
+        decode_push_steps(obj, max_changes=max_changes, max_record_bytes=max_record_bytes)
+    )
 
 
 #: :func:`decode_push_steps` pauses after this many changes.
@@ -302,10 +300,10 @@ def decode_push_steps(
     *,
     max_changes: int = DEFAULT_MAX_BATCH_CHANGES,
     max_record_bytes: int | None = None,
-) -> Generator[None, None, PushBatch]:
-    """:func:`decode_push` in steps: yields after each :data:`DECODE_STEP` changes and
-    returns the batch, so that a server can decode a large batch in slices between other
-    work (the hub's event loop)."""
+) -> steps.Steps[PushBatch]:
+    """:func:`decode_push` in steps (:mod:`syncengine.steps`) of :data:`DECODE_STEP`
+    changes, so that a server can decode a large batch between other work (the hub's
+    event loop)."""
     msg = _only_keys(obj, _PUSH_KEYS, "push")
     _check_version(msg["v"], f"this hub speaks {PROTOCOL_VERSION}")
     node = validate_node_id(msg["node"])

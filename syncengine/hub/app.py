@@ -29,13 +29,14 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import asyncpg
 from aiohttp import web
 
+from syncengine import steps
 from syncengine.cells import parse_cell
 from syncengine.clock import HybridClock
 from syncengine.codec import Limits, encode
@@ -69,7 +70,6 @@ from syncengine.tiers import MAX_LONG_POLL_S, Tier
 __all__ = ["MSGPACK", "Hub", "run_hub"]
 
 log = logging.getLogger(__name__)
-_T = TypeVar("_T")
 
 MSGPACK: Final = "application/msgpack"
 #: A push body this large or larger (about 400 changes compressed) waits for one of
@@ -321,7 +321,7 @@ class Hub:
         obj = decode_body(raw, encoding, self.limits)
         # In steps: the push applier, whose PostgreSQL reply may come meanwhile, waits for no
         # long stretch of decoding (the other pushes of the region wait on its transaction).
-        batch = await _in_steps(
+        batch = await steps.run_between(
             decode_push_steps(
                 obj,
                 max_changes=self.config.max_batch_changes,
@@ -677,13 +677,3 @@ async def run_hub(config: HubConfig, *, ready: Callable[[], None] | None = None)
             await asyncio.Event().wait()
         finally:
             await runner.cleanup()
-
-
-async def _in_steps(steps: Generator[None, None, _T]) -> _T:
-    """Run ``steps`` to its end, letting the event loop run other work between steps."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
-        await asyncio.sleep(0)

@@ -38,7 +38,7 @@ from typing import Any, Final
 
 import asyncpg
 
-from syncengine import crashpoints, tasks
+from syncengine import crashpoints, steps, tasks
 from syncengine.clock import HybridClock, hlc_millis
 from syncengine.codec import encode
 from syncengine.errors import (
@@ -247,9 +247,9 @@ CLOSE_TIMEOUT_S: Final = 10.0
 #: 1.7 KB each: some 35 MB in all); past it, a batch's records are merged in its group as
 #: before. Without the bound, edges draining backlogs at once would hold it each.
 GUESS_BUDGET: Final = 20_000
-#: :meth:`Applier.prepare` yields to the event loop after this many changes (about half a
-#: millisecond), so that the applier, whose PostgreSQL step may have finished meanwhile,
-#: waits for no long stretch: a group's dozen round trips each paid for a whole slice.
+#: :meth:`Applier.prepare` pauses after this many changes (about half a millisecond), so
+#: that the applier, whose PostgreSQL step may have finished meanwhile, waits for no long
+#: stretch: a group's dozen round trips each paid for a whole slice.
 PREPARE_SLICE: Final = 64
 
 
@@ -336,15 +336,16 @@ class Applier:
         guessed = len(batch.changes) if self._guessing < GUESS_BUDGET else 0
         self._guessing += guessed
         try:
-            yield await self.prepare(node, batch, guess=guessed > 0)
+            yield await steps.run_between(self.prepare(node, batch, guess=guessed > 0))
         finally:
             self._guessing -= guessed
 
-    async def prepare(self, node: Node, batch: PushBatch, *, guess: bool = True) -> _Ready:
+    def prepare(self, node: Node, batch: PushBatch, *, guess: bool = True) -> steps.Steps[_Ready]:
         """Work out what does not depend on the hub's state for ``batch``'s changes (their
         feed rows and, with ``guess``, the first version of records they most likely
         create), before its group holds the feed lock: the work overlaps the group in
-        flight, whose transaction is what every push of the region waits on."""
+        flight, whose transaction is what every push of the region waits on. In steps
+        (:mod:`syncengine.steps`) of :data:`PREPARE_SLICE` changes."""
         cells = {c.cell for c in batch.changes}
         tiers = {cell: self.tier_rules.tier_for(cell).priority for cell in cells}
         feed: list[tuple[Any, ...]] = []
@@ -375,7 +376,7 @@ class Applier:
                 )
                 first.append(_FirstWrite(applied, _record_values(applied.state)))
             if n % PREPARE_SLICE == 0:
-                await asyncio.sleep(0)
+                yield
         return _Ready(feed, first, tiers)
 
     async def apply(self, node: Node, batch: PushBatch, ready: _Ready) -> AppliedBatch:

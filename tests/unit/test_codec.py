@@ -11,6 +11,7 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from syncengine import steps
 from syncengine.codec import Limits, canonical_packb, compress, decode, decompress, encode
 from syncengine.errors import DecodeError, LimitExceededError, SyncError
 from syncengine.merge import Change
@@ -190,17 +191,9 @@ def test_a_push_decodes_in_steps_to_the_same_batch_and_fails_at_the_same_change(
     ]
     batch = PushBatch(node="edge-1", lane=2, first_seq=1, last_seq=150, changes=changes)
     msg = decode(encode(encode_push(batch)))
-    steps = decode_push_steps(msg)
-    pauses = 0
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            stepped = done.value
-            break
-        pauses += 1
+    pauses = len(list(decode_push_steps(msg)))
     assert pauses == 150 // DECODE_STEP
-    assert stepped == decode_push(msg) == batch
+    assert steps.run(decode_push_steps(msg)) == decode_push(msg) == batch
     msg["changes"][100][2] = ""  # the key of seq 101
     for decoder in (decode_push, lambda m: list(decode_push_steps(m))):
         with pytest.raises(SyncError) as refused:

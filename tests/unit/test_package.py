@@ -20,6 +20,7 @@ CORE = {
     "resources",
     "config",
     "crashpoints",
+    "steps",
 }
 SEAMS = {"migrations", "devservers", "scheduler", "service", "bundle", "tasks"}
 LAYER = {
@@ -38,7 +39,9 @@ def _imports(path: Path) -> set[str]:
     tree = ast.parse(path.read_text())
     found = set()
     for node in ast.walk(tree):
-        if (
+        if isinstance(node, ast.ImportFrom) and node.module == "syncengine":
+            found |= {a.name for a in node.names}  # from syncengine import crashpoints
+        elif (
             isinstance(node, ast.ImportFrom)
             and node.module
             and node.module.startswith("syncengine.")
