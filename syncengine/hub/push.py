@@ -11,11 +11,11 @@ applies them in groups (:class:`Applier`, group commit): whatever queued while o
 committed goes in the next, one lock acquisition, one commit and a handful of set-based
 statements (``unnest`` arrays and COPY, never one statement per change) for all of it.
 All decoding and validation happens before, outside the lock, and so does whatever does
-not depend on the hub's state (:meth:`Applier.prepare`: the feed rows, and the first
-version of the records a batch most likely creates); caching a committed group and waking
-its readers (``after_commit``) happens beside the next group. The lock is held for the
-database work and the merge alone. ``benchmarks/backlog.py`` measures one edge's drain
-beside raw COPY; ``benchmarks/hub_pushes.py`` many edges' small pushes.
+not depend on the hub's state (:meth:`Applier.prepare`: the feed rows, and for a large
+batch the first version of the records it most likely creates); caching a large committed
+group and waking its readers (``after_commit``) happens beside the next group. The lock is
+held for the database work and the merge alone. ``benchmarks/backlog.py`` measures one
+edge's drain beside raw COPY; ``benchmarks/hub_pushes.py`` many edges' small pushes.
 
 Dedup: per ``(node, lane)`` the hub keeps the highest seq applied. A batch at or below it
 is a replay and answers the same ``acked``; a batch starting beyond it + 1 is a gap (409);
@@ -200,6 +200,9 @@ async def apply_push(applier: Applier, node: Node, batch: PushBatch) -> AppliedB
     A batch that starts past the next seq the hub expects waits up to :data:`GAP_WAIT_S`
     for the batches before it (an edge pipelines its pushes: they may arrive out of
     order), then is refused (409 ``seq_gap``)."""
+    if len(batch.changes) < LARGE_FROM:
+        ready = steps.run(applier.prepare(node, batch, guess=False))
+        return await _apply_ready(applier, node, batch, ready)
     async with applier.prepared(node, batch) as ready:
         return await _apply_ready(applier, node, batch, ready)
 
@@ -243,6 +246,13 @@ MAX_GROUP_CHANGES: Final = 2_000
 CLOSE_TIMEOUT_S: Final = 10.0
 
 
+#: A batch of at least this many changes has the first versions of the records it creates
+#: worked out before its group takes the feed lock (:meth:`Applier.prepare`), and a group
+#: of at least this many is announced beside the next group. Below it, what that costs (the
+#: objects, a guess wasted on a record that exists, a task and one more turn of the event
+#: loop before the pushers are answered) outweighs the little it takes off the lock:
+#: ``benchmarks/hub_pushes.py`` measured 10-30% more hub CPU per push of 5 changes.
+LARGE_FROM: Final = 100
 #: At most this many changes of batches waiting to apply hold a prepared first write (about
 #: 1.7 KB each: some 35 MB in all); past it, a batch's records are merged in its group as
 #: before. Without the bound, edges draining backlogs at once would hold it each.
@@ -298,8 +308,9 @@ class Applier:
     value PostgreSQL refuses) is applied again batch by batch, so only the batch at fault
     fails. ``after_commit`` runs after each commit, with the batches that wrote feed rows in
     feed order, before their pushers are answered (the hub caches the rows and sends the
-    wake-ups); the next group does not wait for it, and the next ``after_commit`` waits for
-    this one.
+    wake-ups). The next group waits for it only if this one is small (under
+    :data:`LARGE_FROM` changes) and nothing is still being announced; the next
+    ``after_commit`` always waits for this one.
     """
 
     def __init__(
@@ -489,10 +500,16 @@ class Applier:
 
     async def _commit(self, conn: asyncpg.Connection, group: list[_Pending]) -> None:
         outcomes = await self._apply_group(conn, group)
+        previous = self._answering
+        if previous is None or previous.done():
+            previous = None
+            if sum(len(p.batch.changes) for p in group) < LARGE_FROM:
+                await self._answer(group, outcomes, previous)
+                return
         # The next group need not wait for this one's announcement (Redis round trips):
         # that goes on beside it, after the previous group's, and then answers the pushers.
         self._answering = asyncio.create_task(
-            self._answer(group, outcomes, self._answering), name="push answers"
+            self._answer(group, outcomes, previous), name="push answers"
         )
 
     async def _answer(

@@ -288,16 +288,21 @@ async def test_a_large_batch_writes_new_and_held_records_alike(hub: Any) -> None
         assert row["feed_id"] == feed_of[(f"k-{seq}", seq)]
 
 
-@pytest.mark.parametrize("budget", [push.GUESS_BUDGET, 0], ids=["guesses", "over-budget"])
+@pytest.mark.parametrize(
+    ("large_from", "budget"),
+    [(1, push.GUESS_BUDGET), (1, 0), (push.LARGE_FROM, push.GUESS_BUDGET)],
+    ids=["guesses", "over-budget", "small-batches"],
+)
 async def test_a_group_writes_records_as_its_changes_merged_one_by_one(
-    hub: Any, monkeypatch: pytest.MonkeyPatch, budget: int
+    hub: Any, monkeypatch: pytest.MonkeyPatch, large_from: int, budget: int
 ) -> None:
     """The applier takes what ``prepare`` made of a change with no ``base`` (most likely a
     new record) only when the record is absent; a record that exists, or that an earlier
     change of the same group created, is merged as always (and every change is, once the
-    guesses held exceed their budget). Every record must read back as folding the feed's
-    changes one by one makes it, and the conflicts log must hold as many rows as that fold
-    finds."""
+    guesses held exceed their budget, or in a batch too small to guess for). Every record
+    must read back as folding the feed's changes one by one makes it, and the conflicts log
+    must hold as many rows as that fold finds."""
+    monkeypatch.setattr(push, "LARGE_FROM", large_from)
     monkeypatch.setattr(push, "GUESS_BUDGET", budget)
     nodes = await _nodes(hub, "a", "b")
     now = (time.time_ns() // 1_000_000) << 16
@@ -365,11 +370,12 @@ async def test_a_group_writes_records_as_its_changes_merged_one_by_one(
 
 
 async def test_the_next_group_commits_while_the_last_one_is_announced_in_order(
-    hub: Any,
+    hub: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Announcing a group (Redis) goes on beside the next group's transaction; its pushers
-    are answered only once it is done, announcements keep commit order, and a failed one
-    still answers the pushers: their batches are committed."""
+    """Announcing a large group (Redis) goes on beside the next group's transaction; its
+    pushers are answered only once it is done, announcements keep commit order, and a
+    failed one still answers the pushers: their batches are committed."""
+    monkeypatch.setattr(push, "LARGE_FROM", 3)  # the first group is large, the second not
     nodes = await _nodes(hub, "a", "b")
     announced: list[tuple[int, int]] = []
     release = asyncio.Event()
@@ -405,3 +411,39 @@ async def test_the_next_group_commits_while_the_last_one_is_announced_in_order(
         results = await asyncio.gather(first, second)
     assert announced == [(1, 3), (4, 5)]  # commit order, though the second was ready first
     assert [r.answer.applied for r in results] == [3, 2]  # the failed announcement too
+
+
+async def test_a_small_group_is_announced_before_the_next_group_commits(hub: Any) -> None:
+    """A group under ``LARGE_FROM`` changes, with nothing else being announced, is announced
+    (and its pushers answered) before the next group begins: no task, no turn of the event
+    loop between its commit and its answer."""
+    nodes = await _nodes(hub, "a", "b")
+    release = asyncio.Event()
+    announced: list[tuple[int, int]] = []
+
+    async def after_commit(applied: list[push.AppliedBatch]) -> None:
+        if not announced:
+            await release.wait()
+        announced.append((applied[0].first_id, applied[-1].last_id))
+
+    applier = push.Applier(
+        hub.hub.pool,
+        region=hub.config.region,
+        clock=hub.hub.clock,
+        tier_rules=hub.config.tier_rules,
+        resolvers=hub.hub.resolvers,
+        after_commit=after_commit,
+    )
+    async with applier:
+        first = asyncio.create_task(push.apply_push(applier, nodes["a"], _batch("a", 1, 3)))
+        async with asyncio.timeout(10):
+            while await hub.hub.pool.fetchval("SELECT count(*) FROM feed") < 3:
+                await asyncio.sleep(0.01)
+        second = asyncio.create_task(push.apply_push(applier, nodes["b"], _batch("b", 1, 2)))
+        await asyncio.sleep(0.2)
+        assert await hub.hub.pool.fetchval("SELECT count(*) FROM feed") == 3  # it waits
+        assert applier._answering is None
+        release.set()
+        results = await asyncio.gather(first, second)
+    assert announced == [(1, 3), (4, 5)]
+    assert [r.answer.applied for r in results] == [3, 2]
