@@ -202,4 +202,5 @@ def print_figures(result: dict[str, Any], *, as_json: bool) -> None:
         return
     width = max(map(len, result))
     for k, v in result.items():
-        print(f"  {k:<{width}} {v:>12,}" if isinstance(v, int) else f"  {k:<{width}} {v!s:>12}")
+        counted = isinstance(v, int) and not isinstance(v, bool)
+        print(f"  {k:<{width}} {v:>12,}" if counted else f"  {k:<{width}} {v!s:>12}")
