@@ -181,13 +181,26 @@ def free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
+#: :func:`place_filler` first allocates all but this much of the free space, then the rest.
+FILLER_SLACK_BYTES = 8 << 20
+
+
 def place_filler(folder: Path, leave: int) -> int:
-    """Allocate a filler file so that only about ``leave`` bytes stay free; its size."""
-    size = max(0, free_bytes(folder) - leave)
+    """Allocate a filler file so that only about ``leave`` bytes stay free; its size.
+
+    Allocating hundreds of MB takes a while, and a process writing on the same disk meanwhile
+    (a WAL growing again after a checkpoint: hundreds of KB a second) would take space the
+    measure counted on, failing the allocation. So all but :data:`FILLER_SLACK_BYTES` goes
+    first; the rest, measured again, goes in a moment. Raises ``OSError(ENOSPC)`` when even
+    that was outrun (the caller may try again)."""
     fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    size = 0
     try:
-        if size:
-            os.posix_fallocate(fd, 0, size)
+        for keep in (leave + FILLER_SLACK_BYTES, leave):
+            grow = free_bytes(folder) - keep
+            if grow > 0:
+                os.posix_fallocate(fd, size, grow)
+                size += grow
     finally:
         os.close(fd)
     return size
