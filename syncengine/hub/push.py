@@ -248,10 +248,10 @@ CLOSE_TIMEOUT_S: Final = 10.0
 
 #: A batch of at least this many changes has the first versions of the records it creates
 #: worked out before its group takes the feed lock (:meth:`Applier.prepare`), and a group
-#: of at least this many is announced beside the next group. Below it, what that costs (the
-#: objects, a guess wasted on a record that exists, a task and one more turn of the event
-#: loop before the pushers are answered) outweighs the little it takes off the lock:
-#: ``benchmarks/hub_pushes.py`` measured 10-30% more hub CPU per push of 5 changes.
+#: of at least this many is announced beside the next group. Below it there is little to
+#: take off the lock, and a guess may be wasted on a record that exists (every one, when
+#: edges write the same keys); a small group's pushers are answered without a task and
+#: the turn of the event loop it takes.
 LARGE_FROM: Final = 100
 #: At most this many changes of batches waiting to apply hold a prepared first write (about
 #: 1.7 KB each: some 35 MB in all); past it, a batch's records are merged in its group as
