@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -53,13 +54,18 @@ async def _nodes(hub: Any, *names: str, grants: tuple[str, ...] = ()) -> dict[st
     return out
 
 
-def _applier(hub: Any, groups: list[int]) -> push.Applier:
+def _applier(
+    hub: Any,
+    groups: list[int],
+    after_commit: Callable[[list[push.AppliedBatch]], Awaitable[None]] | None = None,
+) -> push.Applier:
     return push.Applier(
         hub.hub.pool,
         region=hub.config.region,
         clock=hub.hub.clock,
         tier_rules=hub.config.tier_rules,
         resolvers=hub.hub.resolvers,
+        after_commit=after_commit,
         on_group=groups.append,
     )
 
@@ -387,14 +393,7 @@ async def test_the_next_group_commits_while_the_last_one_is_announced_in_order(
         if len(announced) == 2:
             raise RuntimeError("injected: Redis refused the rows")
 
-    applier = push.Applier(
-        hub.hub.pool,
-        region=hub.config.region,
-        clock=hub.hub.clock,
-        tier_rules=hub.config.tier_rules,
-        resolvers=hub.hub.resolvers,
-        after_commit=after_commit,
-    )
+    applier = _applier(hub, [], after_commit)
     async with applier:
         first = asyncio.create_task(push.apply_push(applier, nodes["a"], _batch("a", 1, 3)))
         # The second group commits although the first one's announcement hangs.
@@ -426,14 +425,7 @@ async def test_a_small_group_is_announced_before_the_next_group_commits(hub: Any
             await release.wait()
         announced.append((applied[0].first_id, applied[-1].last_id))
 
-    applier = push.Applier(
-        hub.hub.pool,
-        region=hub.config.region,
-        clock=hub.hub.clock,
-        tier_rules=hub.config.tier_rules,
-        resolvers=hub.hub.resolvers,
-        after_commit=after_commit,
-    )
+    applier = _applier(hub, [], after_commit)
     async with applier:
         first = asyncio.create_task(push.apply_push(applier, nodes["a"], _batch("a", 1, 3)))
         async with asyncio.timeout(10):
