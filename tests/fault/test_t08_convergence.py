@@ -21,6 +21,10 @@ subscribed to a cell and the hub hold byte-identical ``state`` equal to the mode
 documents match it; the feed holds every acknowledged change once; the conflict log holds
 every overwritten concurrent value the model computes, and nothing that did not lose.
 
+The edges draw their changes from one budget: quick mode writes 2,000 changes in all across
+10 edges, long mode 10,000 across 50; ``SYNCENGINE_T8_CHANGES`` sets another total (most edges
+receive most changes, so a run's cost grows with edges x changes).
+
 The negative control runs a smaller workload against a build whose merge breaks stamp ties
 by arrival order (patched into the hub and the edge store): it must show divergence. A last,
 in-process test replays the two merge bugs this test found (``max``/``min`` over signed zeros;
@@ -32,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import random
 import sqlite3
 import time
@@ -481,6 +486,7 @@ async def test_t08_many_edges_converge_and_log_every_lost_value(
     revivals and overlapping subscriptions, end byte-identical to each other, to the hub and
     to the model; the conflict log holds every concurrent value that lost."""
     edges, changes = pick((10, 2_000), (50, 10_000))
+    changes = int(os.environ.get("SYNCENGINE_T8_CHANGES") or changes)
     summary = Summary(test="T8", name="multi-edge convergence", extra_violations=VIOLATIONS)
     hub = await hub_factory(resolvers=RESOLVERS)
     async with AsyncExitStack() as stack:
