@@ -942,8 +942,7 @@ class Soak:
 def read_edge(db: Path, clinic: str) -> tuple[dict[tuple[str, str, str], bytes], int, int]:
     """An edge's records of ``clinic`` (key -> state), outbox depth and dead letters, read
     with sqlite3 as an operator would."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    try:
+    with read_only(db) as conn:
         records = {
             (c, coll, k): bytes(state)
             for c, coll, k, state in conn.execute(
@@ -953,9 +952,12 @@ def read_edge(db: Path, clinic: str) -> tuple[dict[tuple[str, str, str], bytes],
         }
         (depth,) = conn.execute("SELECT count(*) FROM outbox").fetchone()
         (dead,) = conn.execute("SELECT count(*) FROM dead_letters").fetchone()
-    finally:
-        conn.close()
     return records, int(depth), int(dead)
+
+
+def read_only(db: Path) -> contextlib.closing[sqlite3.Connection]:
+    """A read-only connection to an edge file, closed on leaving the ``with`` block."""
+    return contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30))
 
 
 #: A record's ``hlc`` folded into 32 bits, so that a sum over a clinic fits 64-bit integers
@@ -966,14 +968,11 @@ _TALLY: Final = "count(*), coalesce(sum(length(state)), 0), coalesce(sum(hlc & 4
 def tally_edge(db: Path, clinic: str) -> tuple[tuple[int, int, int], int]:
     """A cheap fingerprint of an edge's records of ``clinic`` (count, bytes of state, folded
     hlc sum: any write changes it in all but freak cases) and its outbox depth."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    try:
+    with read_only(db) as conn:
         count, size, stamps = conn.execute(
             f"SELECT {_TALLY} FROM records WHERE cell >= ? AND cell < ?", (clinic, clinic + "0")
         ).fetchone()
         (depth,) = conn.execute("SELECT count(*) FROM outbox").fetchone()
-    finally:
-        conn.close()
     return (int(count), int(size), int(stamps)), int(depth)
 
 
@@ -1003,11 +1002,8 @@ def truncate_wal(db: Path) -> bool:
 
 
 def integrity_of(db: Path) -> str:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    try:
+    with read_only(db) as conn:
         return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
-    finally:
-        conn.close()
 
 
 async def read_hub(conn: asyncpg.Connection, clinic: str) -> dict[tuple[str, str, str], bytes]:
